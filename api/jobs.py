@@ -1,0 +1,107 @@
+"""``/jobs``: submit, follow, list and cancel retrieve jobs."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated
+
+from celery import Celery
+from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
+from fastapi.exceptions import RequestValidationError
+
+from pacsfetch.api.deps import get_celery, get_config, get_jobstore
+from pacsfetch.api.schemas import InstancePage, JobAccepted, JobPage, StoredInstance
+from pacsfetch.config import Config
+from pacsfetch.jobstore import JobNotFound, JobStore
+from pacsfetch.models import JobRecord, JobRequest, JobStatus
+from pacsfetch.queue import enqueue_retrieve
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+ConfigDep = Annotated[Config, Depends(get_config)]
+StoreDep = Annotated[JobStore, Depends(get_jobstore)]
+CeleryDep = Annotated[Celery, Depends(get_celery)]
+
+
+def _field_error(field: str, message: str, kind: str) -> RequestValidationError:
+    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
+
+
+def check_against_config(request: JobRequest, config: Config) -> None:
+    """Refuse names the configuration does not define, naming the field (422)."""
+    source = config.sources.get(request.source)
+    if source is None:
+        raise _field_error("source", f"unknown source {request.source!r}; configured: "
+                           f"{', '.join(sorted(config.sources)) or 'none'}", "unknown_source")
+    if request.store not in config.stores:
+        raise _field_error("store", f"unknown store {request.store!r}; configured: "
+                           f"{', '.join(sorted(config.stores)) or 'none'}", "unknown_store")
+    if request.transport != "auto" and request.transport not in source.transports:
+        raise _field_error("transport", f"source {request.source!r} does not offer transport "
+                           f"{request.transport!r}; it offers: auto, {', '.join(source.transports)}",
+                           "unknown_transport")
+
+
+def _job(store: JobStore, job_id: str) -> JobRecord:
+    try:
+        return store.get(job_id)
+    except JobNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r}") from None
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
+             responses={422: {"description": "A field is invalid; `detail[].loc` names it."}})
+def submit_job(request: JobRequest, response: Response, config: ConfigDep, store: StoreDep,
+               celery: CeleryDep) -> JobAccepted:
+    """Record a retrieve job and put it on the queue; follow it at the `Location` URL."""
+    check_against_config(request, config)
+    record = store.create(request)
+    try:
+        enqueue_retrieve(celery, record.id, request.priority)
+    except Exception as exc:
+        store.transition(record.id, JobStatus.FAILED, error=f"could not enqueue: {exc}",
+                         error_kind="queue")
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the queue is unavailable") from None
+    response.headers["Location"] = f"/jobs/{record.id}"
+    return JobAccepted(id=record.id, status=record.status)
+
+
+@router.get("", response_model=JobPage)
+def list_jobs(store: StoreDep,
+              status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
+              offset: Annotated[int, Query(ge=0)] = 0,
+              limit: Annotated[int, Query(ge=1, le=500)] = 50) -> JobPage:
+    """Jobs, newest first, optionally only those with one status."""
+    items, total = store.list(status_filter, offset, limit)
+    return JobPage(items=items, total=total, offset=offset, limit=limit)
+
+
+@router.get("/{job_id}", response_model=JobRecord)
+def get_job(job_id: str, store: StoreDep) -> JobRecord:
+    """A job with its status, progress counters, timestamps, transport and error."""
+    return _job(store, job_id)
+
+
+@router.get("/{job_id}/instances", response_model=InstancePage)
+def job_instances(job_id: str, store: StoreDep,
+                  cursor: Annotated[int, Query(ge=0)] = 0,
+                  limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> InstancePage:
+    """What the job wrote: each SOP instance and where each store put it."""
+    _job(store, job_id)
+    next_cursor, rows = store.scan_instances(job_id, cursor, limit)
+    items = [StoredInstance(sop_instance_uid=sop, locations=_locations(raw)) for sop, raw in rows]
+    return InstancePage(items=items, total=store.count_instances(job_id), cursor=next_cursor)
+
+
+def _locations(raw: str) -> dict[str, str]:
+    return json.loads(raw)
+
+
+@router.delete("/{job_id}", response_model=JobRecord,
+               responses={409: {"description": "The job already finished."}})
+def cancel_job(job_id: str, store: StoreDep) -> JobRecord:
+    """Cancel: a queued job at once; a running one is stopped with C-CANCEL by its worker."""
+    job = _job(store, job_id)
+    if job.status.is_final:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job already {job.status.value}")
+    return store.request_cancel(job_id)

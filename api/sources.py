@@ -1,0 +1,46 @@
+"""``/sources``: the configured PACS nodes, and C-ECHO through a worker."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from celery import Celery
+from celery.exceptions import TimeoutError as CeleryTimeout
+from fastapi import APIRouter, Depends, HTTPException, status
+
+from pacsfetch.api.deps import get_celery, get_config
+from pacsfetch.api.schemas import EchoReply, SourceInfo
+from pacsfetch.config import Config
+from pacsfetch.queue import ECHO_TASK, QUEUE
+
+router = APIRouter(prefix="/sources", tags=["sources"])
+
+
+@router.get("", response_model=list[SourceInfo])
+def list_sources(config: Annotated[Config, Depends(get_config)]) -> list[SourceInfo]:
+    """The PACS nodes jobs may name as `source`."""
+    return [
+        SourceInfo(name=name, ae_title=s.ae_title, host=s.host, port=s.port,
+                   calling_ae_title=s.calling_ae_title, transports=list(s.transports),
+                   dicomweb_url=str(s.dicomweb_url) if s.dicomweb_url else None)
+        for name, s in sorted(config.sources.items())
+    ]
+
+
+@router.post("/{name}/echo", response_model=EchoReply,
+             responses={404: {"description": "No such source."},
+                        504: {"description": "No worker answered in time."}})
+def echo_source(name: str, config: Annotated[Config, Depends(get_config)],
+                celery: Annotated[Celery, Depends(get_celery)]) -> EchoReply:
+    """C-ECHO the source from a worker (where the DICOM network path really starts)."""
+    if name not in config.sources:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no source {name!r}")
+    result = celery.send_task(ECHO_TASK, args=[name], queue=QUEUE, priority=0)
+    try:
+        reply = result.get(timeout=config.api.echo_timeout)
+    except CeleryTimeout:
+        raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT,
+                            f"no worker answered within {config.api.echo_timeout:g} s") from None
+    finally:
+        result.forget()
+    return EchoReply(**reply)

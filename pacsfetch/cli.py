@@ -1,0 +1,260 @@
+"""``pacsfetch``: run the API or a worker, retrieve inline, or talk to the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import click
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as Bar
+
+from pacsfetch import __version__
+from pacsfetch.config import ConfigError, load_config
+from pacsfetch.models import JobRequest, JobStatus, Level, Progress
+
+API_URL_ENV = "PACSFETCH_API_URL"
+TOKEN_ENV = "PACSFETCH_API_TOKEN"
+EXIT_CODES = {JobStatus.SUCCEEDED: 0, JobStatus.FAILED: 1, JobStatus.PARTIAL: 3,
+              JobStatus.CANCELLED: 4}
+
+console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> NoReturn:
+    console.print(f"[bold red]pacsfetch:[/] {message}")
+    sys.exit(code)
+
+
+def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that describe a retrieve, shared by ``retrieve`` and ``submit``."""
+    options = [
+        click.option("--source", required=True, help="A [sources.NAME] of the config."),
+        click.option("--study", "study_uid", required=True, help="Study Instance UID."),
+        click.option("--series", "series_uid", help="Series Instance UID (level SERIES)."),
+        click.option("--sop", "sop_uids", multiple=True, help="SOP Instance UID (repeat; level IMAGE)."),
+        click.option("--level", type=click.Choice([lv.value for lv in Level], case_sensitive=False),
+                     help="Default: IMAGE with --sop, SERIES with --series, else STUDY."),
+        click.option("--store", required=True, help="A [stores.NAME] of the config."),
+        click.option("--transport", default="auto", show_default=True,
+                     help="auto, or one of the source's transports."),
+        click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True,
+                     help="0 lowest, 9 most urgent."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _request(source: str, study_uid: str, series_uid: str | None, sop_uids: tuple[str, ...],
+             level: str | None, store: str, transport: str, priority: int) -> JobRequest:
+    chosen = level.upper() if level else ("IMAGE" if sop_uids else "SERIES" if series_uid else "STUDY")
+    try:
+        return JobRequest(source=source, level=Level(chosen), study_uid=study_uid,
+                          series_uid=series_uid, sop_uids=list(sop_uids), store=store,
+                          transport=transport, priority=priority)
+    except ValueError as exc:
+        _fail(f"invalid job:\n{exc}")
+
+
+def _progress_bar() -> Bar:
+    return Bar(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("instances  {task.fields[megabytes]:.1f} MB"), TimeElapsedColumn(),
+               console=console, transient=False)
+
+
+def _advance(bar: Bar, task: Any, progress: Progress, final: bool = False) -> None:
+    known = progress.remaining is not None
+    total = progress.completed + (progress.remaining or 0) if known or final else None
+    bar.update(task, completed=progress.completed, total=total, megabytes=progress.bytes / 1e6)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="pacsfetch")
+def main() -> None:
+    """Retrieve DICOM studies from PACS nodes with C-GET (and more transports via plugins).
+
+    Configuration is one TOML file named by PACSFETCH_CONFIG (default ./pacsfetch.toml).
+    Run `pacsfetch api` and `pacsfetch worker` for the queued service, or
+    `pacsfetch retrieve` for a one-off retrieve without any broker.
+    """
+
+
+@main.command("check-config")
+def check_config() -> None:
+    """Validate the configuration and the plugins it names, then exit."""
+    from pacsfetch.plugins.registry import get_registry
+
+    config = _load()
+    try:
+        get_registry().check_config(config)
+    except ConfigError as exc:
+        _fail(f"configuration error in {exc}")
+    console.print(f"[green]ok[/]: {len(config.sources)} source(s), {len(config.stores)} store(s)")
+
+
+def _load():  # type: ignore[no-untyped-def]
+    try:
+        return load_config()
+    except ConfigError as exc:
+        _fail(f"configuration error in {exc}")
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def api(host: str, port: int) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from pacsfetch.api.app import create_app
+    from pacsfetch.logs import configure_logging
+
+    config = _load()
+    configure_logging()
+    try:
+        app = create_app(config)
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}")
+    uvicorn.run(app, host=host, port=port, log_config=None)
+
+
+@main.command()
+@click.option("--concurrency", "-c", type=int, help="Worker processes (default: worker.concurrency).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--hostname", "-n", default=None, help="Celery node name (default pacsfetch-<random>@host).")
+def worker(concurrency: int | None, loglevel: str, hostname: str | None) -> None:
+    """Run a Celery worker that executes queued retrieve jobs."""
+    _load()
+    try:
+        from pacsfetch.workers.celery_app import app, config
+    except ConfigError as exc:
+        _fail(f"configuration error in {exc}")
+    from pacsfetch.queue import QUEUE
+
+    app.worker_main([
+        "worker", f"--concurrency={concurrency or config.worker.concurrency}",
+        f"--loglevel={loglevel}", f"--queues={QUEUE}", "--prefetch-multiplier=1",
+        f"--hostname={hostname or f'pacsfetch-{uuid.uuid4().hex[:6]}@%h'}", "--without-gossip",
+        "--without-mingle",
+    ])
+
+
+@main.command()
+@_job_options
+def retrieve(**options: Any) -> None:
+    """Retrieve now, in this process, with no broker (same plugins as the workers)."""
+    from pacsfetch.plugins.registry import get_registry
+    from pacsfetch.workers.runner import JobRunner
+    from pacsfetch.workers.state import LocalJobState
+
+    config = _load()
+    request = _request(**options)
+    registry = get_registry()
+    try:
+        settings = registry.check_config(config)
+    except ConfigError as exc:
+        _fail(f"configuration error in {exc}")
+    from pacsfetch.errors import RetrieveError
+
+    with _progress_bar() as bar:
+        task = bar.add_task("retrieving", total=None, megabytes=0.0)
+        state = LocalJobState(on_progress=lambda p: _advance(bar, task, p))
+        try:
+            outcome = JobRunner(config, registry, settings).run(uuid.uuid4().hex, request, state)
+        except RetrieveError as exc:
+            _fail(str(exc), 1)
+        _advance(bar, task, outcome.progress, final=True)
+    _report(outcome.status, outcome.progress, outcome.transport, outcome.error)
+    sys.exit(EXIT_CODES.get(outcome.status, 1))
+
+
+def _report(status: JobStatus, progress: Progress, transport: str | None, error: str | None) -> None:
+    colour = {"succeeded": "green", "partial": "yellow"}.get(status.value, "red")
+    console.print(f"[bold {colour}]{status.value}[/]: {progress.completed} instance(s), "
+                  f"{progress.bytes / 1e6:.1f} MB" + (f" via {transport}" if transport else ""))
+    if error:
+        console.print(f"[{colour}]{error}[/]")
+
+
+def _client(api_url: str) -> httpx.Client:
+    token = os.environ.get(TOKEN_ENV)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return httpx.Client(base_url=api_url, headers=headers, timeout=30)
+
+
+def _api_call(response: httpx.Response) -> dict[str, Any]:
+    if response.status_code >= 400:
+        try:
+            detail = response.json().get("detail")
+        except ValueError:
+            detail = response.text
+        _fail(f"API answered {response.status_code}: {detail}", 1)
+    return response.json()
+
+
+api_option = click.option("--api", "api_url", envvar=API_URL_ENV, default="http://127.0.0.1:8000",
+                          show_default=True, help=f"API base URL (env {API_URL_ENV}).")
+
+
+@main.command()
+@_job_options
+@api_option
+@click.option("--wait/--no-wait", default=False, help="Follow the job with a progress bar.")
+def submit(api_url: str, wait: bool, **options: Any) -> None:
+    """Submit a retrieve job to the API; prints the job id."""
+    request = _request(**options)
+    with _client(api_url) as client:
+        accepted = _api_call(client.post("/jobs", json=request.model_dump(mode="json")))
+        click.echo(accepted["id"])
+        if wait:
+            _follow(client, accepted["id"])
+
+
+def _follow(client: httpx.Client, job_id: str) -> NoReturn:
+    with _progress_bar() as bar:
+        task = bar.add_task(f"job {job_id[:8]}", total=None, megabytes=0.0)
+        while True:
+            job = _api_call(client.get(f"/jobs/{job_id}"))
+            final = JobStatus(job["status"]).is_final
+            _advance(bar, task, Progress(**job["progress"]), final=final)
+            if final:
+                break
+            time.sleep(0.5)
+    status = JobStatus(job["status"])
+    _report(status, Progress(**job["progress"]), job.get("transport"), job.get("error"))
+    sys.exit(EXIT_CODES.get(status, 1))
+
+
+@main.command()
+@click.argument("job_id")
+@api_option
+@click.option("--watch", is_flag=True, help="Follow the job until it finishes.")
+def status(job_id: str, api_url: str, watch: bool) -> None:
+    """Show a job's status and progress (as JSON, or a live bar with --watch)."""
+    with _client(api_url) as client:
+        if watch:
+            _follow(client, job_id)
+        click.echo(json.dumps(_api_call(client.get(f"/jobs/{job_id}")), indent=2))
+
+
+@main.command()
+@click.argument("source")
+def echo(source: str) -> None:
+    """C-ECHO a configured source from this machine."""
+    from pacsfetch.plugins.dimse import echo as dicom_echo
+
+    config = _load()
+    if source not in config.sources:
+        _fail(f"unknown source {source!r}; configured: {', '.join(sorted(config.sources))}")
+    result = dicom_echo(config.sources[source])
+    console.print(("[green]ok[/] " if result.ok else "[red]failed[/] ")
+                  + f"{result.message} ({result.elapsed_ms:.0f} ms)")
+    sys.exit(0 if result.ok else 1)

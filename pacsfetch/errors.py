@@ -1,0 +1,56 @@
+"""Errors a job can end with, classified so an operator knows what to fix.
+
+Most DIMSE failures in the field are association, presentation-context and transfer-syntax
+negotiation mistakes. Each :class:`ErrorKind` names one such class; the message of a
+:class:`RetrieveError` says, in the operator's words, which setting to look at.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorKind(StrEnum):
+    CONNECTION = "connection"
+    """The PACS could not be reached (refused, unreachable, timed out): retried."""
+    ASSOCIATION_REJECTED = "association-rejected"
+    """The PACS refused the association (AE titles, not configured for us)."""
+    ASSOCIATION_ABORTED = "association-aborted"
+    """The association was aborted or dropped mid-transfer: retried, the job resumes."""
+    NEGOTIATION = "negotiation"
+    """Presentation contexts or SCP role selection were refused for SOP classes we need."""
+    TRANSFER_SYNTAX = "transfer-syntax"
+    """The PACS would only send an instance in a transfer syntax we did not propose."""
+    QUERY = "query"
+    """The C-FIND that plans the retrieve failed or matched nothing."""
+    PEER_STATUS = "peer-status"
+    """The PACS answered the retrieve with a failure status."""
+    TIMEOUT = "timeout"
+    """The PACS stopped answering within the configured timeout: retried."""
+    STORE = "store"
+    """A store could not write or commit an instance."""
+    CONFIG = "config"
+    """The job names something the configuration does not define."""
+    CANCELLED = "cancelled"
+
+
+RETRYABLE_KINDS = frozenset(
+    {ErrorKind.CONNECTION, ErrorKind.ASSOCIATION_ABORTED, ErrorKind.TIMEOUT}
+)
+
+
+class RetrieveError(Exception):
+    """A retrieve that could not (fully) be done, with an operator-facing explanation."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+    @property
+    def retryable(self) -> bool:
+        """Whether trying again later can help without anyone changing a setting."""
+        return self.kind in RETRYABLE_KINDS
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"

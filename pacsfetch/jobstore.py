@@ -1,0 +1,275 @@
+"""Job state in Redis, readable by the API after any worker or API restart.
+
+Why Redis: the broker already is Redis, so the state store adds no moving part; hashes give
+atomic per-field updates for progress counters, and a small Lua script makes each status
+change atomic with its index. Run Redis with AOF persistence in production so job history
+survives a Redis restart too.
+
+Layout (``P`` is the key prefix, ``pacsfetch`` by default):
+
+- ``P:job:ID`` hash: ``request`` (JSON), ``status``, timestamps, ``p_*`` progress counters,
+  ``transport``, ``attempts``, ``error``, ``error_kind``, ``cancel``;
+- ``P:jobs:all`` and ``P:jobs:status:S`` sorted sets of job ids scored by creation time;
+- ``P:job:ID:instances`` hash SOP Instance UID -> where the stores put it (the record of what
+  a job wrote, also what a retried job skips);
+- ``P:job:ID:lease`` the worker currently running the job, with a TTL.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+
+import redis
+
+from pacsfetch.models import FINAL_STATUSES, JobRecord, JobRequest, JobStatus, Progress
+
+PROGRESS_FIELDS = ("completed", "failed", "warning", "remaining", "skipped", "bytes")
+
+# Atomically change a job's status if its current status is one of the allowed ones, keep
+# the per-status index in step, and set extra fields. Returns {changed, previous_status}.
+_TRANSITION = """
+local cur = redis.call('HGET', KEYS[1], 'status')
+if not cur then return {0, false} end
+if ARGV[2] ~= '' and not string.find(',' .. ARGV[2] .. ',', ',' .. cur .. ',', 1, true) then
+  return {0, cur}
+end
+local score = redis.call('HGET', KEYS[1], 'created_ts')
+if cur ~= ARGV[1] then
+  redis.call('ZREM', ARGV[3] .. cur, ARGV[4])
+  redis.call('ZADD', ARGV[3] .. ARGV[1], score, ARGV[4])
+end
+redis.call('HSET', KEYS[1], 'status', ARGV[1])
+for i = 5, #ARGV, 2 do
+  if ARGV[i + 1] == '\\0' then redis.call('HDEL', KEYS[1], ARGV[i])
+  else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+end
+return {1, cur}
+"""
+
+# Take the lease if it is free or ours; returns the holder after the call.
+_ACQUIRE = """
+local holder = redis.call('GET', KEYS[1])
+if (not holder) or holder == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return ARGV[1]
+end
+return holder
+"""
+
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+_DELETE_FIELD = "\0"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class JobNotFound(KeyError):
+    """No job with that id."""
+
+
+class JobStore:
+    """All reads and writes of job state go through here."""
+
+    def __init__(self, client: redis.Redis, prefix: str = "pacsfetch") -> None:
+        self._r = client
+        self._p = prefix
+        self._transition = client.register_script(_TRANSITION)
+        self._acquire = client.register_script(_ACQUIRE)
+        self._release = client.register_script(_RELEASE)
+
+    @classmethod
+    def from_url(cls, url: str, prefix: str = "pacsfetch") -> JobStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True), prefix)
+
+    # keys ---------------------------------------------------------------
+    def _job(self, job_id: str) -> str:
+        return f"{self._p}:job:{job_id}"
+
+    def _instances(self, job_id: str) -> str:
+        return f"{self._p}:job:{job_id}:instances"
+
+    def _lease(self, job_id: str) -> str:
+        return f"{self._p}:job:{job_id}:lease"
+
+    @property
+    def _status_prefix(self) -> str:
+        return f"{self._p}:jobs:status:"
+
+    @property
+    def _all(self) -> str:
+        return f"{self._p}:jobs:all"
+
+    # health ---------------------------------------------------------------
+    def ping(self) -> bool:
+        return bool(self._r.ping())
+
+    # creation and reading ---------------------------------------------------
+    def create_many(self, requests: Iterable[JobRequest]) -> list[JobRecord]:
+        """Record new queued jobs in one round trip."""
+        records = []
+        pipe = self._r.pipeline(transaction=False)
+        for request in requests:
+            created = _now()
+            record = JobRecord(
+                id=uuid.uuid4().hex, status=JobStatus.QUEUED, request=request, created_at=created
+            )
+            score = created.timestamp()
+            pipe.hset(
+                self._job(record.id),
+                mapping={
+                    "request": request.model_dump_json(),
+                    "status": JobStatus.QUEUED.value,
+                    "created_at": created.isoformat(),
+                    "created_ts": repr(score),
+                    "attempts": 0,
+                },
+            )
+            pipe.zadd(self._all, {record.id: score})
+            pipe.zadd(self._status_prefix + JobStatus.QUEUED.value, {record.id: score})
+            records.append(record)
+        pipe.execute()
+        return records
+
+    def create(self, request: JobRequest) -> JobRecord:
+        return self.create_many([request])[0]
+
+    def get(self, job_id: str) -> JobRecord:
+        data = self._r.hgetall(self._job(job_id)) if job_id.isalnum() else {}
+        if not data:
+            raise JobNotFound(job_id)
+        return self._to_record(job_id, data)
+
+    def list(
+        self, status: JobStatus | None = None, offset: int = 0, limit: int = 50
+    ) -> tuple[list[JobRecord], int]:
+        """Newest first; returns one page and the total count."""
+        index = self._status_prefix + status.value if status else self._all
+        pipe = self._r.pipeline(transaction=False)
+        pipe.zcard(index)
+        pipe.zrevrange(index, offset, offset + limit - 1)
+        total, ids = pipe.execute()
+        pipe = self._r.pipeline(transaction=False)
+        for job_id in ids:
+            pipe.hgetall(self._job(job_id))
+        rows = pipe.execute()
+        return [self._to_record(i, d) for i, d in zip(ids, rows, strict=True) if d], total
+
+    def _to_record(self, job_id: str, data: Mapping[str, str]) -> JobRecord:
+        progress = Progress(
+            **{
+                name: int(data[f"p_{name}"])
+                for name in PROGRESS_FIELDS
+                if data.get(f"p_{name}") not in (None, "")
+            }
+        )
+        return JobRecord(
+            id=job_id,
+            status=JobStatus(data["status"]),
+            request=JobRequest.model_validate_json(data["request"]),
+            progress=progress,
+            created_at=datetime.fromisoformat(data["created_at"]),
+            started_at=_opt_time(data.get("started_at")),
+            finished_at=_opt_time(data.get("finished_at")),
+            transport=data.get("transport") or None,
+            attempts=int(data.get("attempts", 0)),
+            error=data.get("error") or None,
+            error_kind=data.get("error_kind") or None,
+            cancel_requested=data.get("cancel") == "1",
+        )
+
+    # status changes ---------------------------------------------------------
+    def transition(
+        self,
+        job_id: str,
+        to: JobStatus,
+        *,
+        allowed_from: Iterable[JobStatus] = (),
+        **fields: str | int | None,
+    ) -> tuple[bool, JobStatus | None]:
+        """Set *to* if the job's status is in *allowed_from* (any, when empty).
+
+        Returns whether it changed and the status before. A field given as ``None`` is
+        removed. Timestamps ``started_at``/``finished_at`` are set here, not by callers.
+        """
+        if to is JobStatus.RUNNING:
+            fields.setdefault("started_at", _now().isoformat())
+        if to in FINAL_STATUSES:
+            fields.setdefault("finished_at", _now().isoformat())
+        args: list[str] = [
+            to.value,
+            ",".join(s.value for s in allowed_from),
+            self._status_prefix,
+            job_id,
+        ]
+        for name, value in fields.items():
+            args += [name, _DELETE_FIELD if value is None else str(value)]
+        changed, previous = self._transition(keys=[self._job(job_id)], args=args)
+        return bool(changed), JobStatus(previous) if previous else None
+
+    def set_fields(self, job_id: str, **fields: str | int) -> None:
+        self._r.hset(self._job(job_id), mapping={k: str(v) for k, v in fields.items()})
+
+    def incr_attempts(self, job_id: str) -> int:
+        return int(self._r.hincrby(self._job(job_id), "attempts", 1))
+
+    def set_progress(self, job_id: str, progress: Progress) -> None:
+        mapping = {
+            f"p_{name}": "" if value is None else str(value)
+            for name, value in progress.model_dump().items()
+        }
+        self._r.hset(self._job(job_id), mapping=mapping)
+
+    def request_cancel(self, job_id: str) -> JobRecord:
+        """Cancel a queued job at once; ask a running one's worker to stop (C-CANCEL)."""
+        changed, previous = self.transition(
+            job_id, JobStatus.CANCELLED, allowed_from=[JobStatus.QUEUED], cancel=1,
+            error="cancelled by request", error_kind="cancelled",
+        )
+        if previous is None:
+            raise JobNotFound(job_id)
+        if not changed and previous is JobStatus.RUNNING:
+            self._r.hset(self._job(job_id), "cancel", "1")
+        return self.get(job_id)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        return self._r.hget(self._job(job_id), "cancel") == "1"
+
+    # what a job wrote -------------------------------------------------------
+    def record_instances(self, job_id: str, locations: Mapping[str, str]) -> None:
+        if locations:
+            self._r.hset(self._instances(job_id), mapping=dict(locations))
+
+    def stored_instances(self, job_id: str) -> dict[str, str]:
+        return self._r.hgetall(self._instances(job_id))
+
+    def scan_instances(self, job_id: str, cursor: int, count: int) -> tuple[int, list[tuple[str, str]]]:
+        """One page of the record; returns the next cursor (0 when done) and the rows."""
+        next_cursor, rows = self._r.hscan(self._instances(job_id), cursor, count=count)
+        return int(next_cursor), sorted(rows.items())
+
+    def count_instances(self, job_id: str) -> int:
+        return int(self._r.hlen(self._instances(job_id)))
+
+    # leases -----------------------------------------------------------------
+    def acquire_lease(self, job_id: str, owner: str, ttl_seconds: float) -> str:
+        """Take or renew the lease; returns the holder (``owner`` when we hold it)."""
+        return str(self._acquire(keys=[self._lease(job_id)], args=[owner, int(ttl_seconds * 1000)]))
+
+    def release_lease(self, job_id: str, owner: str) -> None:
+        self._release(keys=[self._lease(job_id)], args=[owner])
+
+    def break_lease(self, job_id: str, holder: str) -> bool:
+        """Drop a lease whose holder is known dead; only if it is still that holder's."""
+        return bool(self._release(keys=[self._lease(job_id)], args=[holder]))
+
+
+def _opt_time(value: str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if value else None
+

@@ -1,0 +1,106 @@
+"""The job: what a caller asks for, and what the system tells about it.
+
+These models are shared by the API (request and response bodies), the job-state store and
+the workers, so that all three agree on one vocabulary.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Self
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from pacsfetch.uids import check_uid
+
+UID = Annotated[str, AfterValidator(check_uid)]
+
+MAX_SOP_UIDS_PER_JOB = 10_000
+
+
+class Level(StrEnum):
+    """Query/Retrieve level of a job (Study Root information model)."""
+
+    STUDY = "STUDY"
+    SERIES = "SERIES"
+    IMAGE = "IMAGE"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    PARTIAL = "partial"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset(
+    {JobStatus.SUCCEEDED, JobStatus.PARTIAL, JobStatus.FAILED, JobStatus.CANCELLED}
+)
+
+
+class JobRequest(BaseModel):
+    """What to retrieve, from where, into which store."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: str = Field(min_length=1, description="Name of a `[sources.NAME]` section.")
+    level: Level = Level.STUDY
+    study_uid: UID = Field(description="Study Instance UID (required at every level).")
+    series_uid: UID | None = Field(None, description="Series Instance UID; required for SERIES.")
+    sop_uids: list[UID] = Field(
+        default_factory=list,
+        max_length=MAX_SOP_UIDS_PER_JOB,
+        description="SOP Instance UIDs; required for IMAGE.",
+    )
+    transport: str = Field("auto", min_length=1, description="`auto` or a transport name.")
+    store: str = Field(min_length=1, description="Name of a `[stores.NAME]` section.")
+    priority: int = Field(5, ge=0, le=9, description="0 (lowest) to 9 (most urgent).")
+
+    @model_validator(mode="after")
+    def _level_has_its_uids(self) -> Self:
+        if self.level is Level.SERIES and not self.series_uid:
+            raise ValueError("series_uid is required when level is SERIES")
+        if self.level is Level.IMAGE and not self.sop_uids:
+            raise ValueError("sop_uids is required when level is IMAGE")
+        if self.level is not Level.IMAGE and self.sop_uids:
+            raise ValueError("sop_uids is only allowed when level is IMAGE")
+        if self.level is Level.STUDY and self.series_uid:
+            raise ValueError("series_uid is not allowed when level is STUDY")
+        if len(set(self.sop_uids)) != len(self.sop_uids):
+            raise ValueError("sop_uids lists a UID twice")
+        return self
+
+
+class Progress(BaseModel):
+    """Counters of one job, as the PACS and the stores report them."""
+
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    remaining: int | None = Field(None, description="Unknown until the PACS first reports it.")
+    skipped: int = Field(0, description="Instances a resumed job already had stored.")
+    bytes: int = 0
+
+
+class JobRecord(BaseModel):
+    """A job as the API shows it."""
+
+    id: str
+    status: JobStatus
+    request: JobRequest
+    progress: Progress = Progress()
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    transport: str | None = Field(None, description="The transport that ran (last) attempt.")
+    attempts: int = 0
+    error: str | None = Field(None, description="Why the job failed or is partial, for operators.")
+    error_kind: str | None = Field(None, description="Machine-readable class of `error`.")
+    cancel_requested: bool = False

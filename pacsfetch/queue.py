@@ -1,0 +1,59 @@
+"""The contract between whoever enqueues jobs (API, CLI) and the workers that run them.
+
+Both sides build their Celery app here so that they agree on task names, the queue and
+serialisation without the API importing any worker (or DICOM) code: the API only calls
+:func:`enqueue_retrieve`, which sends a task *by name*.
+
+Settings follow Celery's advice for long tasks: a task is acknowledged only after it ran
+(``acks_late``), re-queued when its worker process dies (``task_reject_on_worker_lost``), and
+each worker process prefetches one message at a time so a long retrieve never holds back a
+queue of others behind it.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from pacsfetch.config import Config
+
+RETRIEVE_TASK = "pacsfetch.retrieve"
+ECHO_TASK = "pacsfetch.echo"
+QUEUE = "pacsfetch"
+PRIORITY_LEVELS = 10
+
+
+def redis_priority(priority: int) -> int:
+    """Map the API's priority (9 most urgent) onto Redis transport priority (0 first)."""
+    return PRIORITY_LEVELS - 1 - priority
+
+
+def make_celery(config: Config) -> Celery:
+    """A Celery app bound to the configured Redis, set up for long, idempotent retrieves."""
+    app = Celery("pacsfetch", broker=config.broker.url, backend=config.broker.url)
+    app.conf.update(
+        task_default_queue=QUEUE,
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": config.broker.visibility_timeout,
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(PRIORITY_LEVELS)),
+            "sep": ":",
+        },
+        task_default_priority=redis_priority(5),
+        result_expires=3600,
+        task_ignore_result=True,
+    )
+    return app
+
+
+def enqueue_retrieve(app: Celery, job_id: str, priority: int) -> None:
+    """Put a recorded job on the queue."""
+    app.send_task(RETRIEVE_TASK, args=[job_id], queue=QUEUE, priority=redis_priority(priority))

@@ -1,0 +1,162 @@
+"""Opening associations with a PACS and explaining, in operator terms, why one failed.
+
+Shared by every DIMSE transport and the C-ECHO check. Failures are classified into
+:class:`~pacsfetch.errors.ErrorKind` values: could not connect, association rejected (and
+by whom, for what reason), no presentation context accepted, or the peer went silent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.uid import UID
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext, build_context
+from pynetdicom.sop_class import Verification
+
+from pacsfetch.config import SourceConfig
+from pacsfetch.errors import ErrorKind, RetrieveError
+
+# Identifiers can carry patient data: keep them out of pynetdicom's own logs.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+_config.LOG_HANDLER_LEVEL = "none"
+logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+MAX_PRESENTATION_CONTEXTS = 128
+"""PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255."""
+
+Handler = tuple[Any, Callable[..., Any]]
+
+
+@dataclass
+class _Watch:
+    """What the ACSE layer told us while the association was being negotiated."""
+
+    connected: bool = False
+    rejection: str | None = None
+    events: list[str] = field(default_factory=list)
+
+    def handlers(self) -> list[Handler]:
+        return [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_ACSE_RECV, self._on_acse)]
+
+    def _on_open(self, event: evt.Event) -> None:
+        self.connected = True
+
+    def _on_acse(self, event: evt.Event) -> None:
+        primitive = event.primitive  # type: ignore[attr-defined]
+        result = getattr(primitive, "result", None)
+        if result in (0x01, 0x02):
+            self.rejection = (
+                f"{primitive.result_str} by the {primitive.source_str}: {primitive.reason_str}"
+            )
+
+
+def make_ae(source: SourceConfig) -> AE:
+    """An AE set up with the source's calling AE title, timeouts and PDU size."""
+    ae = AE(ae_title=source.calling_ae_title)
+    ae.connection_timeout = source.timeout
+    ae.acse_timeout = source.timeout
+    ae.dimse_timeout = source.timeout
+    ae.network_timeout = source.timeout
+    ae.maximum_pdu_size = source.max_pdu
+    return ae
+
+
+def associate(
+    source: SourceConfig,
+    contexts: Sequence[PresentationContext],
+    *,
+    ext_neg: Iterable[Any] = (),
+    handlers: Iterable[Handler] = (),
+    purpose: str = "retrieve",
+) -> Association:
+    """Open an association or raise a :class:`RetrieveError` an operator can act on."""
+    if len(contexts) > MAX_PRESENTATION_CONTEXTS:
+        raise ValueError(f"{len(contexts)} presentation contexts exceed the limit of 128")
+    ae = make_ae(source)
+    ae.requested_contexts = list(contexts)
+    watch = _Watch()
+    where = f"{source.ae_title}@{source.host}:{source.port}"
+    assoc = ae.associate(
+        source.host,
+        source.port,
+        ae_title=source.ae_title,
+        ext_neg=list(ext_neg) or None,
+        evt_handlers=[*watch.handlers(), *handlers],
+    )
+    if assoc.is_established:
+        return assoc
+    if assoc.is_rejected:
+        raise RetrieveError(
+            ErrorKind.ASSOCIATION_REJECTED,
+            f"{where} rejected the association for {purpose} ({watch.rejection or 'no reason given'}). "
+            f"Check that the PACS knows calling AE title {source.calling_ae_title!r} "
+            f"(and its host) and that its own AE title is {source.ae_title!r}.",
+        )
+    if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+        raise RetrieveError(
+            ErrorKind.NEGOTIATION,
+            f"{where} accepted none of the {len(contexts)} presentation contexts proposed for "
+            f"{purpose} ({describe_contexts(assoc.rejected_contexts)}). "
+            "The PACS does not offer this service or these SOP classes to "
+            f"{source.calling_ae_title!r}; enable them on the PACS or use another transport.",
+        )
+    if assoc.is_aborted:
+        raise RetrieveError(
+            ErrorKind.ASSOCIATION_ABORTED,
+            f"{where} aborted the association during negotiation for {purpose}.",
+        )
+    if watch.connected:
+        raise RetrieveError(
+            ErrorKind.TIMEOUT,
+            f"{where} accepted the TCP connection but did not answer the association request "
+            f"within {source.timeout:g} s: is this port a DICOM port?",
+        )
+    raise RetrieveError(
+        ErrorKind.CONNECTION,
+        f"cannot connect to {source.host}:{source.port} (refused or timed out after "
+        f"{source.timeout:g} s): is the PACS running and are host and port right?",
+    )
+
+
+def describe_contexts(contexts: Iterable[PresentationContext], limit: int = 6) -> str:
+    """Short human list of SOP classes (and transfer syntaxes) of some contexts."""
+    names = []
+    for cx in contexts:
+        syntaxes = ", ".join(UID(ts).name for ts in cx.transfer_syntax)
+        names.append(f"{UID(cx.abstract_syntax).name} in {syntaxes}")
+    shown = "; ".join(names[:limit])
+    return shown + (f"; and {len(names) - limit} more" if len(names) > limit else "")
+
+
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    message: str
+    elapsed_ms: float
+
+
+def echo(source: SourceConfig) -> EchoResult:
+    """C-ECHO the source; never raises for network trouble, it reports it."""
+    started = time.perf_counter()
+    try:
+        assoc = associate(source, [build_context(Verification)], purpose="C-ECHO")
+    except RetrieveError as exc:
+        return EchoResult(False, str(exc), (time.perf_counter() - started) * 1000)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    elapsed = (time.perf_counter() - started) * 1000
+    code = getattr(status, "Status", None)
+    if code == 0x0000:
+        return EchoResult(True, f"C-ECHO to {source.ae_title} succeeded", elapsed)
+    if code is None:
+        return EchoResult(False, "no C-ECHO response (timeout or association aborted)", elapsed)
+    return EchoResult(False, f"C-ECHO answered with status 0x{code:04X}", elapsed)

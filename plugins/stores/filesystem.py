@@ -1,0 +1,228 @@
+"""The filesystem store: one file per instance under ``root``, laid out by a template.
+
+Writes are atomic: an instance is staged under ``root/.pacsfetch/spool``, fsynced, then
+renamed into place, so a reader never sees half a file and a crash leaves only spool
+litter that the next session sweeps. The same SOP instance delivered twice is one file.
+Every path is built from validated UIDs and sanitised header values and checked to stay
+inside ``root`` (symlinks included) before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+import string
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from pacsfetch import hookimpl
+from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
+from pacsfetch.plugins.dicomfile import LAYOUT_ATTRIBUTES
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
+LAYOUT_FIELDS = frozenset(LAYOUT_ATTRIBUTES) | {"TransferSyntaxUID"}
+CONTROL_DIR = ".pacsfetch"
+STALE_SPOOL_SECONDS = 24 * 3600
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+class FilesystemSettings(BaseModel):
+    """Keys of a ``[stores.NAME]`` section with ``plugin = "filesystem"``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    root: Path = Field(description="Directory that holds the store; created if missing.")
+    layout: str = Field(DEFAULT_LAYOUT, description="Path template below root.")
+    fsync: bool = Field(True, description="fsync each file and directory before it is recorded.")
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @field_validator("layout")
+    @classmethod
+    def _valid_template(cls, value: str) -> str:
+        fields = []
+        for literal, name, spec, conversion in string.Formatter().parse(value):
+            if name is None:
+                continue
+            if name not in LAYOUT_FIELDS:
+                raise ValueError(
+                    f"unknown field {{{name}}}; allowed: {', '.join(sorted(LAYOUT_FIELDS))}"
+                )
+            if spec or conversion:
+                raise ValueError(f"field {{{name}}} may not carry a format spec or conversion")
+            fields.append(name)
+        if "SOPInstanceUID" not in fields:
+            raise ValueError("must contain {SOPInstanceUID}, or instances would overwrite each other")
+        if value.startswith("/") or any(part in ("", ".", "..") for part in value.split("/")):
+            raise ValueError("must be a relative path without empty, '.' or '..' segments")
+        return value
+
+
+def _safe_component(value: str) -> str:
+    """A header value made harmless as (part of) one path segment."""
+    cleaned = _UNSAFE.sub("_", value.strip())[:64].lstrip(".")
+    return cleaned or "unknown"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(slots=True)
+class _Staged:
+    temp: Path
+    final: Path
+    sop_instance_uid: str
+    size: int
+
+
+class FilesystemSession:
+    """One job writing into one filesystem store."""
+
+    def __init__(self, settings: FilesystemSettings, job_id: str) -> None:
+        self._settings = settings
+        self._job_id = job_id
+        self._root = settings.root
+        self._root.mkdir(parents=True, exist_ok=True)
+        self._root_real = Path(os.path.realpath(self._root))
+        control = self._root / CONTROL_DIR
+        spool_parent = control / "spool"
+        spool_parent.mkdir(parents=True, exist_ok=True)
+        self._sweep_stale_spools(spool_parent)
+        self._spool = spool_parent / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._spool.mkdir()
+        (control / "jobs").mkdir(exist_ok=True)
+        self._manifest: IO[str] = open(control / "jobs" / f"{job_id}.jsonl", "a", encoding="utf-8")
+        self._checked_dirs: set[Path] = set()
+        self._dirty_dirs: set[Path] = set()
+
+    @property
+    def spool_dir(self) -> Path:
+        return self._spool
+
+    def _sweep_stale_spools(self, spool_parent: Path) -> None:
+        """Remove spools of dead processes on this host, and any spool idle for a day."""
+        host = socket.gethostname()
+        now = time.time()
+        for entry in spool_parent.iterdir():
+            parts = entry.name.rsplit("-", 2)
+            dead_here = (
+                len(parts) == 3 and parts[0] == host and parts[1].isdigit()
+                and not _pid_alive(int(parts[1]))
+            )
+            try:
+                stale = now - entry.stat().st_mtime > STALE_SPOOL_SECONDS
+            except FileNotFoundError:
+                continue
+            if dead_here or stale:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def _final_path(self, instance: IncomingInstance) -> Path:
+        identity = instance.identity
+        values = {name: _safe_component(v) for name, v in identity.attributes.items()}
+        # UIDs were validated by the sink; they are safe path segments as they are.
+        values.update(
+            StudyInstanceUID=identity.study_uid,
+            SeriesInstanceUID=identity.series_uid,
+            SOPInstanceUID=identity.sop_instance_uid,
+            SOPClassUID=identity.sop_class_uid,
+            TransferSyntaxUID=identity.transfer_syntax_uid,
+        )
+        relative = self._settings.layout.format_map(_Missing(values))
+        final = self._root / relative
+        parent = final.parent
+        if parent not in self._checked_dirs:
+            parent.mkdir(parents=True, exist_ok=True)
+            real = Path(os.path.realpath(parent))
+            if real != self._root_real and self._root_real not in real.parents:
+                raise PermissionError(f"layout would write outside the store root: {relative}")
+            self._checked_dirs.add(parent)
+        return final
+
+    def write(self, instance: IncomingInstance) -> _Staged:
+        final = self._final_path(instance)
+        temp = self._spool / f"{uuid.uuid4().hex}.part"
+        try:
+            os.link(instance.path, temp)
+        except OSError:  # another filesystem, or links not allowed: copy instead
+            shutil.copyfile(instance.path, temp)
+        if self._settings.fsync:
+            fd = os.open(temp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return _Staged(temp, final, instance.identity.sop_instance_uid, instance.size)
+
+    def commit(self, staged: _Staged) -> str:
+        os.replace(staged.temp, staged.final)
+        self._dirty_dirs.add(staged.final.parent)
+        relative = staged.final.relative_to(self._root).as_posix()
+        self._manifest.write(
+            json.dumps({"sop_instance_uid": staged.sop_instance_uid, "path": relative,
+                        "size": staged.size}) + "\n"
+        )
+        return relative
+
+    def abort(self, staged: _Staged) -> None:
+        staged.temp.unlink(missing_ok=True)
+
+    def sync(self) -> None:
+        self._manifest.flush()
+        if not self._settings.fsync:
+            return
+        for directory in self._dirty_dirs:
+            fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._dirty_dirs.clear()
+
+    def close(self) -> None:
+        try:
+            self.sync()
+        finally:
+            self._manifest.close()
+            shutil.rmtree(self._spool, ignore_errors=True)
+
+
+class _Missing(dict[str, str]):
+    """Template values; an attribute the instance lacks renders as ``unknown``."""
+
+    def __missing__(self, key: str) -> str:
+        return "unknown"
+
+
+class FilesystemBackend:
+    name = "filesystem"
+    settings_model = FilesystemSettings
+
+    def open(self, store_name: str, settings: BaseModel, job_id: str) -> FilesystemSession:
+        assert isinstance(settings, FilesystemSettings)
+        return FilesystemSession(settings, job_id)
+
+
+@hookimpl
+def pacsfetch_store_backends() -> list[StoreBackend]:
+    return [FilesystemBackend()]

@@ -1,0 +1,367 @@
+"""C-GET: the PACS sends instances back as C-STORE sub-operations on our own association.
+
+No inbound connection is needed, so C-GET works from behind NAT, a firewall or a
+Kubernetes pod. The price is negotiation: we must propose a storage presentation context
+for every SOP class and transfer syntax the PACS may send, with SCP/SCU role selection
+saying that *we* are the storage SCP, inside the 128-context limit of one association.
+
+So a retrieve is planned first: a C-FIND lists the instances (and their SOP classes); the
+contexts they need are packed into as few associations as fit; each association asks for
+its share at the coarsest level that is exact (the whole request, whole series, or lists
+of instances). Instances arrive spooled to disk by pynetdicom and go straight to the sink,
+so memory does not grow with study or instance size. After the transfer, whatever did
+not arrive is explained: refused contexts, transfer syntaxes, or the PACS's own failures.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import _config, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import build_context, build_role
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+from pacsfetch import hookimpl
+from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.models import Level
+from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport, Verdict
+from pacsfetch.plugins.dimse import MAX_PRESENTATION_CONTEXTS, associate
+from pacsfetch.plugins.transports.query import UIDS_PER_QUERY, InstanceRef, chunks, find_instances
+
+log = logging.getLogger(__name__)
+
+# Stream each incoming C-STORE data set to a temporary file instead of memory.
+_config.STORE_RECV_CHUNKED_DATASET = True
+
+GET_MODEL = StudyRootQueryRetrieveInformationModelGet
+STORAGE_CONTEXTS_PER_ASSOCIATION = MAX_PRESENTATION_CONTEXTS - 1  # one is the GET model
+
+DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    JPEG2000Lossless,
+    JPEG2000,
+    RLELossless,
+)
+"""Proposed, one context each, when the PACS does not say what a study holds: a context
+per syntax lets the PACS send every instance exactly as stored, without transcoding."""
+
+_STORE_STATUS = {
+    Verdict.STORED: 0x0000,
+    Verdict.DUPLICATE: 0x0000,
+    Verdict.OUT_OF_SCOPE: 0x0124,  # Refused: Not Authorised (not part of this job)
+    Verdict.INVALID: 0xC000,  # Error: Cannot Understand
+    Verdict.STORE_FAILED: 0xA700,  # Refused: Out of Resources
+}
+
+Context = tuple[str, str]  # (SOP class UID, transfer syntax UID)
+
+
+@dataclass
+class AssociationPlan:
+    """The storage contexts of one association and the C-GET identifiers it sends."""
+
+    contexts: list[Context]
+    identifiers: list[Dataset]
+    instances: list[InstanceRef]
+
+
+def _contexts_for(ref: InstanceRef, fallback: Iterable[str]) -> set[Context]:
+    return {(ref.sop_class_uid, ts) for ts in (ref.transfer_syntaxes or fallback)}
+
+
+def _identifier(level: Level, study_uid: str, series_uid: str | None = None,
+                sop_uids: list[str] | None = None) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level.value
+    ds.StudyInstanceUID = study_uid
+    if series_uid is not None:
+        ds.SeriesInstanceUID = series_uid
+    if sop_uids is not None:
+        ds.SOPInstanceUID = sop_uids
+    return ds
+
+
+def plan_associations(
+    ctx: RetrieveContext, inventory: list[InstanceRef], syntaxes: Iterable[str]
+) -> list[AssociationPlan]:
+    """Pack what is still missing into associations of at most 127 storage contexts."""
+    syntaxes = tuple(syntaxes)
+    request = ctx.request
+    missing = [r for r in inventory if r.sop_instance_uid not in ctx.already_stored]
+    by_series: dict[str, list[InstanceRef]] = defaultdict(list)
+    for ref in missing:
+        by_series[ref.series_uid].append(ref)
+
+    # Units that must share an association: whole series, or per-class slices of a series
+    # that alone needs more contexts than fit.
+    units: list[tuple[str, list[InstanceRef], set[Context], bool]] = []
+    for series_uid, refs in by_series.items():
+        needed = set().union(*(_contexts_for(r, syntaxes) for r in refs))
+        whole = len(refs) == sum(1 for r in inventory if r.series_uid == series_uid)
+        if len(needed) <= STORAGE_CONTEXTS_PER_ASSOCIATION:
+            units.append((series_uid, refs, needed, whole))
+            continue
+        by_class: dict[str, list[InstanceRef]] = defaultdict(list)
+        for ref in refs:
+            by_class[ref.sop_class_uid].append(ref)
+        for class_refs in by_class.values():
+            units.append((series_uid, class_refs,
+                          set().union(*(_contexts_for(r, syntaxes) for r in class_refs)), False))
+
+    plans: list[tuple[set[Context], list[tuple[str, list[InstanceRef], bool]]]] = []
+    for series_uid, refs, needed, whole in units:
+        for contexts, members in plans:
+            if len(contexts | needed) <= STORAGE_CONTEXTS_PER_ASSOCIATION:
+                contexts |= needed
+                members.append((series_uid, refs, whole))
+                break
+        else:
+            plans.append((set(needed), [(series_uid, refs, whole)]))
+
+    resumed = len(missing) != len(inventory)
+    result = []
+    for contexts, members in plans:
+        instances = [r for _, refs, _ in members for r in refs]
+        if len(plans) == 1 and not resumed and request.level is not Level.IMAGE:
+            # One association covers everything: ask exactly as the job asked.
+            identifiers = [_identifier(request.level, request.study_uid, request.series_uid)]
+        else:
+            identifiers = []
+            for series_uid, refs, whole in members:
+                if whole and request.level is not Level.IMAGE:
+                    identifiers.append(_identifier(Level.SERIES, request.study_uid, series_uid))
+                else:
+                    uids = [r.sop_instance_uid for r in refs]
+                    identifiers += [
+                        _identifier(Level.IMAGE, request.study_uid, series_uid, part)
+                        for part in chunks(uids, UIDS_PER_QUERY)
+                    ]
+        result.append(AssociationPlan(sorted(contexts), identifiers, instances))
+    return result
+
+
+@dataclass
+class _Counters:
+    """Sub-operation counters summed over the C-GETs of one attempt."""
+
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    problem_kind: ErrorKind | None = None
+    cancelled: bool = False
+
+    def problem(self, kind: ErrorKind, text: str) -> None:
+        self.problem_kind = self.problem_kind or kind
+        self.problems.append(text)
+
+
+def _on_c_store(ctx: RetrieveContext):
+    def handler(event: evt.Event) -> int:
+        request = event.request
+        path: Path = event.dataset_path
+        # pynetdicom leaves the spool file of a C-GET sub-operation open; close our copy
+        # of the handle (the sink takes the file itself, by path).
+        spool_handle = getattr(request, "_dataset_file", None)
+        if spool_handle is not None:
+            spool_handle.close()
+        verdict = ctx.sink.accept(
+            path,
+            sop_class_uid=str(request.AffectedSOPClassUID),
+            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+        )
+        return _STORE_STATUS[verdict]
+
+    return handler
+
+
+def _check_negotiation(
+    assoc: Association, plan: AssociationPlan, counters: _Counters, where: str, source_ae: str
+) -> None:
+    """Explain refused contexts now; fail at once when the PACS refuses C-GET itself."""
+    accepted = {
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for cx in assoc.accepted_contexts
+        if cx.as_scp
+    }
+    if not any(str(cx.abstract_syntax) == GET_MODEL for cx in assoc.accepted_contexts):
+        assoc.release()
+        raise RetrieveError(
+            ErrorKind.NEGOTIATION,
+            f"{where} refused the Study Root C-GET presentation context: it does not offer "
+            f"C-GET to {source_ae!r}. Enable C-GET for this AE on the PACS, or retrieve with "
+            "C-MOVE or DICOMweb.",
+        )
+    usable_classes = {cls for cls, _ in accepted}
+    refused_classes = sorted({cls for cls, _ in plan.contexts} - usable_classes)
+    if refused_classes:
+        count = sum(1 for r in plan.instances if r.sop_class_uid in refused_classes)
+        names = ", ".join(UID(c).name for c in refused_classes)
+        counters.problem(
+            ErrorKind.NEGOTIATION,
+            f"{where} refused every storage presentation context (with SCP role selection) "
+            f"for {names}: the {count} instance(s) of these SOP classes cannot come by C-GET. "
+            "Allow these SOP classes and SCP/SCU role selection for this AE on the PACS, "
+            "or use C-MOVE.",
+        )
+    exact = [
+        r for r in plan.instances
+        if r.transfer_syntaxes and r.sop_class_uid in usable_classes
+        and not any((r.sop_class_uid, ts) in accepted for ts in r.transfer_syntaxes)
+    ]
+    if exact:
+        syntaxes = ", ".join(sorted({UID(ts).name for r in exact for ts in r.transfer_syntaxes}))
+        counters.problem(
+            ErrorKind.TRANSFER_SYNTAX,
+            f"{where} accepted none of the transfer syntaxes {len(exact)} instance(s) are "
+            f"stored in ({syntaxes}); they arrive only if the PACS transcodes them.",
+        )
+
+
+def _run_gets(
+    ctx: RetrieveContext, assoc: Association, plan: AssociationPlan, counters: _Counters,
+    later: int, where: str,
+) -> None:
+    """Send the plan's C-GETs, feeding progress and honouring cancellation."""
+    for msg_id, identifier in enumerate(plan.identifiers, start=1):
+        base = (counters.completed, counters.failed, counters.warning)
+        cancel_sent = False
+        final_code: int | None = None
+        for status, reply in assoc.send_c_get(identifier, GET_MODEL, msg_id=msg_id):
+            code = getattr(status, "Status", None)
+            if code is None:
+                stored = counters.completed
+                raise RetrieveError(
+                    ErrorKind.ASSOCIATION_ABORTED,
+                    f"{where} aborted the association or stopped answering during C-GET "
+                    f"(after {stored} instance(s) this attempt); a retry resumes the job.",
+                )
+            remaining = status.get("NumberOfRemainingSuboperations")
+            completed = status.get("NumberOfCompletedSuboperations") or 0
+            failed = status.get("NumberOfFailedSuboperations") or 0
+            warning = status.get("NumberOfWarningSuboperations") or 0
+            ctx.progress.peer_counts(
+                remaining=None if remaining is None else remaining + later,
+                completed=base[0] + completed, failed=base[1] + failed,
+                warning=base[2] + warning,
+            )
+            if code in (0xFF00, 0xFF01):
+                if not cancel_sent and ctx.progress.cancelled():
+                    assoc.send_c_cancel(msg_id, query_model=GET_MODEL)
+                    cancel_sent = True
+                continue
+            final_code = code
+            counters.completed, counters.failed, counters.warning = (
+                base[0] + completed, base[1] + failed, base[2] + warning
+            )
+            if reply is not None and "FailedSOPInstanceUIDList" in reply:
+                listed = reply.FailedSOPInstanceUIDList
+                counters.failed_uids += [listed] if isinstance(listed, str) else list(listed)
+        if final_code == 0xFE00 or cancel_sent:
+            counters.cancelled = True
+            return
+        if final_code not in (0x0000, 0xB000):
+            counters.problem(
+                ErrorKind.PEER_STATUS,
+                f"{where} ended a C-GET with status 0x{final_code:04X}"
+                f"{_status_hint(final_code)}.",
+            )
+
+
+def _status_hint(code: int | None) -> str:
+    if code is None:
+        return ""
+    if 0xA700 <= code <= 0xA7FF:
+        return " (refused: out of resources; the PACS could not start the sub-operations)"
+    if 0xA900 <= code <= 0xA9FF:
+        return " (identifier does not match SOP class)"
+    if 0xC000 <= code <= 0xCFFF:
+        return " (the PACS was unable to process the request)"
+    return ""
+
+
+class CGetTransport:
+    """C-GET with storage contexts and SCP role selection proposed per study content."""
+
+    name = "c-get"
+
+    def retrieve(self, ctx: RetrieveContext) -> RetrieveResult:
+        source = ctx.source
+        where = f"{source.ae_title}@{source.host}:{source.port}"
+        inventory = find_instances(source, ctx.request)
+        expected = frozenset(r.sop_instance_uid for r in inventory)
+        if not inventory:
+            raise RetrieveError(
+                ErrorKind.QUERY,
+                f"{where} holds no instances matching the job (C-FIND found none): check the "
+                "UIDs, or whether the PACS lets this AE see the study.",
+            )
+        syntaxes = source.transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES
+        plans = plan_associations(ctx, inventory, syntaxes)
+        counters = _Counters()
+        handler = _on_c_store(ctx)
+        pending = sum(len(p.instances) for p in plans)
+        for plan in plans:
+            pending -= len(plan.instances)
+            contexts = [build_context(GET_MODEL)] + [build_context(c, t) for c, t in plan.contexts]
+            roles = [build_role(c, scp_role=True) for c in sorted({c for c, _ in plan.contexts})]
+            assoc = associate(
+                source, contexts, ext_neg=roles, handlers=[(evt.EVT_C_STORE, handler)],
+                purpose="C-GET",
+            )
+            try:
+                _check_negotiation(assoc, plan, counters, where, source.calling_ae_title)
+                _run_gets(ctx, assoc, plan, counters, pending, where)
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+            if counters.cancelled:
+                break
+        if counters.failed and not counters.problems:
+            counters.problem(
+                ErrorKind.PEER_STATUS,
+                f"{where} reported {counters.failed} failed C-STORE sub-operation(s)"
+                + (f" (e.g. SOP Instance {counters.failed_uids[0]})" if counters.failed_uids else ""),
+            )
+        return RetrieveResult(
+            expected=expected,
+            problems=counters.problems,
+            problem_kind=counters.problem_kind.value if counters.problem_kind else None,
+            peer_failed=counters.failed,
+            cancelled=counters.cancelled,
+        )
+
+
+@hookimpl
+def pacsfetch_transports() -> list[Transport]:
+    return [CGetTransport()]

@@ -1,0 +1,110 @@
+"""C-FIND at series and image level: what a retrieve will bring, before asking for it.
+
+The C-GET transport needs the SOP classes (and, where the PACS says, transfer syntaxes)
+of the instances up front to propose just the storage presentation contexts it needs; a
+resumed job needs the instance list to ask only for what is still missing. Queries walk
+the hierarchy (series, then instances per series), which every Q/R SCP supports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+from pynetdicom.association import Association
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from pacsfetch.config import SourceConfig
+from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.models import JobRequest
+from pacsfetch.plugins.dimse import associate
+from pacsfetch.uids import is_valid_uid
+
+FIND_MODEL = StudyRootQueryRetrieveInformationModelFind
+UIDS_PER_QUERY = 100
+"""SOP Instance UIDs per list-matching identifier: some PACS limit identifier size."""
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRef:
+    """One instance the PACS says matches the job."""
+
+    series_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntaxes: tuple[str, ...] = ()
+    """Available Transfer Syntax UID (0008,3002), when the PACS returns it."""
+
+
+def chunks(items: list[str], size: int) -> Iterator[list[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _find(assoc: Association, identifier: Dataset, where: str) -> Iterator[Dataset]:
+    for status, found in assoc.send_c_find(identifier, FIND_MODEL):
+        code = getattr(status, "Status", None)
+        if code is None:
+            raise RetrieveError(
+                ErrorKind.TIMEOUT, f"{where} stopped answering a C-FIND (timeout or abort)"
+            )
+        if code in (0xFF00, 0xFF01):
+            if found is not None:
+                yield found
+        elif code != 0x0000:
+            raise RetrieveError(
+                ErrorKind.QUERY, f"{where} answered a C-FIND with failure status 0x{code:04X}"
+            )
+
+
+def find_instances(source: SourceConfig, request: JobRequest) -> list[InstanceRef]:
+    """Every instance of the job's scope the PACS holds (invalid UIDs from the wire dropped)."""
+    where = f"{source.ae_title}@{source.host}:{source.port}"
+    assoc = associate(source, [build_context(FIND_MODEL)], purpose="C-FIND")
+    try:
+        if request.series_uid:
+            series_uids = [request.series_uid]
+        else:
+            query = Dataset()
+            query.QueryRetrieveLevel = "SERIES"
+            query.StudyInstanceUID = request.study_uid
+            query.SeriesInstanceUID = ""
+            series_uids = sorted(
+                {
+                    uid
+                    for found in _find(assoc, query, where)
+                    if is_valid_uid(uid := str(found.get("SeriesInstanceUID", "")))
+                }
+            )
+        wanted = set(request.sop_uids)
+        refs: dict[str, InstanceRef] = {}
+        for series_uid in series_uids:
+            uid_lists = list(chunks(request.sop_uids, UIDS_PER_QUERY)) if wanted else [[]]
+            for uid_list in uid_lists:
+                query = Dataset()
+                query.QueryRetrieveLevel = "IMAGE"
+                query.StudyInstanceUID = request.study_uid
+                query.SeriesInstanceUID = series_uid
+                query.SOPInstanceUID = uid_list or ""
+                query.SOPClassUID = ""
+                query.AvailableTransferSyntaxUID = ""
+                for found in _find(assoc, query, where):
+                    ref = _instance_ref(found, series_uid)
+                    if ref and (not wanted or ref.sop_instance_uid in wanted):
+                        refs[ref.sop_instance_uid] = ref
+        return list(refs.values())
+    finally:
+        assoc.release()
+
+
+def _instance_ref(found: Dataset, series_uid: str) -> InstanceRef | None:
+    sop_uid = str(found.get("SOPInstanceUID", ""))
+    sop_class = str(found.get("SOPClassUID", ""))
+    if not (is_valid_uid(sop_uid) and is_valid_uid(sop_class)):
+        return None
+    raw = found.get("AvailableTransferSyntaxUID")
+    values = [] if raw in (None, "") else ([raw] if isinstance(raw, str) else list(raw))
+    syntaxes = tuple(str(v) for v in values if is_valid_uid(str(v)))
+    return InstanceRef(series_uid, sop_uid, sop_class, syntaxes)

@@ -1,0 +1,21 @@
+"""The Celery app of the workers: ``celery -A pacsfetch.workers.celery_app worker`` works too.
+
+Loading the configuration and the plugins here, at import, means a bad config or a missing
+plugin stops the worker before it takes any job, with a message naming the key.
+"""
+
+from __future__ import annotations
+
+from pacsfetch.config import load_config
+from pacsfetch.logs import configure_logging
+from pacsfetch.plugins.registry import get_registry
+from pacsfetch.queue import make_celery
+
+config = load_config()
+registry = get_registry()
+store_settings = registry.check_config(config)
+configure_logging()
+app = make_celery(config)
+
+# Register the tasks on this app.
+from pacsfetch.workers import tasks  # noqa: E402,F401

@@ -1,0 +1,186 @@
+"""The sink every transport hands instances to: check, store, record, count.
+
+Runs on the thread that answers the PACS, once per instance, so it does the minimum:
+read the header up to Instance Number, compare it with the job's scope, write through the
+job's stores (stage in all, then commit in all) and buffer the record. Records and progress
+are flushed in batches (every ``progress_interval`` seconds), after the stores have made
+their commits durable, so a job that dies re-fetches at most the last batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import pluggy
+
+from pacsfetch.errors import ErrorKind
+from pacsfetch.models import JobRequest, Level, Progress
+from pacsfetch.plugins.contracts import IncomingInstance, InstanceIdentity, StoreSession, Verdict
+from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
+from pacsfetch.workers.state import JobState
+
+log = logging.getLogger(__name__)
+
+CANCEL_CHECK_INTERVAL = 0.5
+
+
+class InstancePipeline:
+    """Implements :class:`~pacsfetch.plugins.contracts.InstanceSink` and the progress reporter."""
+
+    def __init__(
+        self,
+        job_id: str,
+        request: JobRequest,
+        sessions: dict[str, StoreSession],
+        state: JobState,
+        hooks: pluggy.HookRelay,
+        spool_dir: Path,
+        progress_interval: float,
+    ) -> None:
+        self._job_id = job_id
+        self._request = request
+        self._sop_scope = frozenset(request.sop_uids)
+        self._sessions = sessions
+        self._state = state
+        self._hooks = hooks
+        self._spool_dir = spool_dir
+        self._interval = progress_interval
+        self.stored: dict[str, str] = state.stored_instances()
+        self.already_stored = frozenset(self.stored)
+        previous = state.previous_progress()
+        self._bytes = previous.bytes
+        self._peer = Progress()
+        self._unrecorded: dict[str, str] = {}
+        self._next_flush = 0.0
+        self._next_cancel_check = 0.0
+        self._cancelled = False
+        self.refused = 0
+        self.invalid = 0
+        self.duplicates = 0
+        self.store_failures = 0
+        self.last_store_error: str | None = None
+
+    # InstanceSink -----------------------------------------------------------
+    @property
+    def spool_dir(self) -> Path:
+        return self._spool_dir
+
+    def accept(self, path: Path, *, sop_class_uid: str, sop_instance_uid: str) -> Verdict:
+        try:
+            return self._accept(path, sop_class_uid, sop_instance_uid)
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _accept(self, path: Path, sop_class_uid: str, sop_instance_uid: str) -> Verdict:
+        try:
+            identity = read_identity(path)
+        except UnreadableInstance as exc:
+            self.invalid += 1
+            log.warning("refused an unreadable instance", extra={"job_id": self._job_id, "reason": str(exc)})
+            return Verdict.INVALID
+        if (identity.sop_instance_uid, identity.sop_class_uid) != (sop_instance_uid, sop_class_uid):
+            self.invalid += 1
+            log.warning("refused an instance whose header contradicts its C-STORE command",
+                        extra={"job_id": self._job_id})
+            return Verdict.INVALID
+        if not self._in_scope(identity):
+            self.refused += 1
+            log.warning("refused an instance the job did not ask for", extra={"job_id": self._job_id})
+            return Verdict.OUT_OF_SCOPE
+        if identity.sop_instance_uid in self.stored:
+            self.duplicates += 1
+            return Verdict.DUPLICATE
+        instance = IncomingInstance(identity, path, path.stat().st_size)
+        locations = self._store(instance)
+        if locations is None:
+            return Verdict.STORE_FAILED
+        encoded = json.dumps(locations, separators=(",", ":"))
+        self.stored[identity.sop_instance_uid] = encoded
+        self._unrecorded[identity.sop_instance_uid] = encoded
+        self._bytes += instance.size
+        self._hooks.pacsfetch_instance_stored(job_id=self._job_id, instance=instance, locations=locations)
+        self._maybe_flush()
+        return Verdict.STORED
+
+    def _in_scope(self, identity: InstanceIdentity) -> bool:
+        request = self._request
+        if identity.study_uid != request.study_uid:
+            return False
+        if request.series_uid and identity.series_uid != request.series_uid:
+            return False
+        return request.level is not Level.IMAGE or identity.sop_instance_uid in self._sop_scope
+
+    def _store(self, instance: IncomingInstance) -> dict[str, str] | None:
+        """Stage in every store, then commit in every store; None if any store failed."""
+        staged = []
+        name = ""
+        try:
+            for name, session in self._sessions.items():
+                staged.append((name, session, session.write(instance)))
+            locations = {}
+            while staged:
+                name, session, token = staged[0]
+                locations[name] = session.commit(token)
+                staged.pop(0)
+            return locations
+        except Exception as exc:
+            for _, session, token in staged:
+                session.abort(token)
+            self.store_failures += 1
+            self.last_store_error = f"store {name!r}: {type(exc).__name__}: {exc}"
+            log.error("store failed", extra={"job_id": self._job_id, "store": name, "reason": str(exc)})
+            return None
+
+    # ProgressReporter -------------------------------------------------------
+    def peer_counts(self, *, remaining: int | None, completed: int, failed: int, warning: int) -> None:
+        self._peer = Progress(remaining=remaining, completed=completed, failed=failed, warning=warning)
+        self._maybe_flush()
+
+    def cancelled(self) -> bool:
+        now = time.monotonic()
+        if not self._cancelled and now >= self._next_cancel_check:
+            self._next_cancel_check = now + CANCEL_CHECK_INTERVAL
+            self._cancelled = self._state.cancel_requested()
+        return self._cancelled
+
+    # records ------------------------------------------------------------------
+    @property
+    def progress(self) -> Progress:
+        return Progress(
+            completed=len(self.stored),
+            failed=self._peer.failed,
+            warning=self._peer.warning,
+            remaining=self._peer.remaining,
+            skipped=len(self.already_stored),
+            bytes=self._bytes,
+        )
+
+    def _maybe_flush(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_flush:
+            self._next_flush = now + self._interval
+            self.flush()
+
+    def flush(self) -> None:
+        """Make stored instances durable, then record them with the current counters."""
+        for session in self._sessions.values():
+            session.sync()
+        self._state.record(self._unrecorded, self.progress)
+        self._unrecorded = {}
+
+    def problems(self) -> list[tuple[ErrorKind, str]]:
+        """What this sink refused or failed to store, for the job's error text."""
+        found = []
+        if self.store_failures:
+            found.append((ErrorKind.STORE, f"{self.store_failures} instance(s) could not be stored "
+                          f"(last: {self.last_store_error})"))
+        if self.refused:
+            found.append((ErrorKind.PEER_STATUS, f"the PACS sent {self.refused} instance(s) the job "
+                          "did not ask for; they were refused"))
+        if self.invalid:
+            found.append((ErrorKind.PEER_STATUS, f"the PACS sent {self.invalid} unreadable or "
+                          "inconsistent instance(s); they were refused"))
+        return found

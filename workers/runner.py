@@ -1,0 +1,152 @@
+"""One attempt at one job: choose transports, open stores, retrieve, decide the outcome.
+
+Shared by the Celery task and by ``pacsfetch retrieve`` (inline, no broker), so both run
+exactly the same transport and store plugins.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from pacsfetch.config import Config
+from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.models import JobRequest, JobStatus, Progress
+from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, StoreSession, Transport
+from pacsfetch.plugins.registry import Registry
+from pacsfetch.workers.pipeline import InstancePipeline
+from pacsfetch.workers.state import JobState
+
+log = logging.getLogger(__name__)
+
+FALLBACK_KINDS = frozenset(
+    {ErrorKind.NEGOTIATION, ErrorKind.ASSOCIATION_REJECTED, ErrorKind.PEER_STATUS,
+     ErrorKind.TRANSFER_SYNTAX}
+)
+"""Failures another transport may not suffer from: with ``auto``, try the next one."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: JobStatus
+    progress: Progress
+    transport: str | None = None
+    error: str | None = None
+    error_kind: str | None = None
+
+
+@contextmanager
+def _spool_into(directory: Path) -> Iterator[None]:
+    """Make pynetdicom spool incoming data sets on the store's filesystem.
+
+    pynetdicom writes each streamed C-STORE data set to a ``NamedTemporaryFile`` in the
+    default temporary directory; pointing that at the store's spool makes committing an
+    instance a rename instead of a copy. Process-wide, which is safe because a worker
+    process runs one job at a time.
+    """
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(directory)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+
+
+class JobRunner:
+    """Runs jobs with the plugins of one registry against one configuration."""
+
+    def __init__(self, config: Config, registry: Registry, store_settings: dict[str, BaseModel]) -> None:
+        self.config = config
+        self.registry = registry
+        self.store_settings = store_settings
+
+    def _transports(self, request: JobRequest) -> list[Transport]:
+        source = self.config.sources[request.source]
+        names = list(source.transports) if request.transport == "auto" else [request.transport]
+        missing = [n for n in names if n not in self.registry.transports]
+        if missing:
+            raise RetrieveError(ErrorKind.CONFIG, f"no transport plugin named {missing[0]!r} is installed")
+        return [self.registry.transports[n] for n in names]
+
+    def run(self, job_id: str, request: JobRequest, state: JobState) -> Outcome:
+        """Run one attempt; raises :class:`RetrieveError` only for retryable failures."""
+        if request.source not in self.config.sources:
+            return self._config_failure(f"unknown source {request.source!r}")
+        if request.store not in self.config.stores:
+            return self._config_failure(f"unknown store {request.store!r}")
+        try:
+            transports = self._transports(request)
+        except RetrieveError as exc:
+            return self._config_failure(exc.message)
+        backend = self.registry.store_backends[self.config.stores[request.store].plugin]
+        with ExitStack() as stack:
+            session: StoreSession = backend.open(request.store, self.store_settings[request.store], job_id)
+            stack.callback(session.close)
+            spool = session.spool_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            pipeline = InstancePipeline(
+                job_id, request, {request.store: session}, state, self.registry.hooks.hook,
+                spool, self.config.worker.progress_interval,
+            )
+            stack.enter_context(_spool_into(spool))
+            try:
+                result, used, notes = self._try_transports(job_id, request, transports, pipeline)
+            except RetrieveError as exc:
+                if exc.retryable:
+                    raise
+                return Outcome(JobStatus.FAILED, pipeline.progress, None, exc.message, exc.kind.value)
+            finally:
+                pipeline.flush()
+            return self._decide(result, used, notes, pipeline)
+
+    def _try_transports(
+        self, job_id: str, request: JobRequest, transports: list[Transport], pipeline: InstancePipeline
+    ) -> tuple[RetrieveResult, str, list[str]]:
+        notes: list[str] = []
+        source = self.config.sources[request.source]
+        for position, transport in enumerate(transports):
+            ctx = RetrieveContext(
+                job_id=job_id, request=request, source_name=request.source, source=source,
+                sink=pipeline, progress=pipeline, already_stored=frozenset(pipeline.stored),
+            )
+            try:
+                return transport.retrieve(ctx), transport.name, notes
+            except RetrieveError as exc:
+                last = position == len(transports) - 1
+                if request.transport != "auto" or last or exc.kind not in FALLBACK_KINDS:
+                    if notes:
+                        exc.message = "; ".join([*notes, f"{transport.name}: {exc.message}"])
+                    raise
+                notes.append(f"{transport.name}: {exc.message}")
+                log.warning("transport failed, trying the next", extra={
+                    "job_id": job_id, "transport": transport.name, "error_kind": exc.kind.value})
+        raise AssertionError("unreachable: the last transport re-raises")
+
+    def _decide(
+        self, result: RetrieveResult, used: str, notes: list[str], pipeline: InstancePipeline
+    ) -> Outcome:
+        progress = pipeline.progress
+        problems = [text for _, text in pipeline.problems()] + result.problems
+        kind = result.problem_kind or next((k.value for k, _ in pipeline.problems()), None)
+        if result.cancelled:
+            return Outcome(JobStatus.CANCELLED, progress, used, "cancelled by request", "cancelled")
+        stored = set(pipeline.stored)
+        expected = result.expected if result.expected is not None else stored
+        missing = expected - stored
+        explained_failures = pipeline.refused + pipeline.invalid  # extras we refused ourselves
+        if not missing and result.peer_failed <= explained_failures and not pipeline.store_failures:
+            return Outcome(JobStatus.SUCCEEDED, progress, used)
+        summary = f"{len(missing)} of {len(expected)} instance(s) not stored"
+        text = "; ".join([summary, *notes, *problems]) if problems or notes else (
+            summary + ": the PACS did not send them")
+        status = JobStatus.PARTIAL if stored & expected else JobStatus.FAILED
+        return Outcome(status, progress, used, text, kind or ErrorKind.PEER_STATUS.value)
+
+    @staticmethod
+    def _config_failure(message: str) -> Outcome:
+        return Outcome(JobStatus.FAILED, Progress(), None, message, ErrorKind.CONFIG.value)

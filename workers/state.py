@@ -1,0 +1,72 @@
+"""Where a running job's progress, records and cancel flag live.
+
+A Celery worker keeps them in Redis (:class:`RedisJobState`) so the API can show them;
+``pacsfetch retrieve`` runs a job inline with no broker and keeps them in memory
+(:class:`LocalJobState`), showing progress in the terminal instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Protocol
+
+from pacsfetch.jobstore import JobStore
+from pacsfetch.models import Progress
+
+
+class JobState(Protocol):
+    def stored_instances(self) -> dict[str, str]:
+        """SOP Instance UID -> locations of everything earlier attempts stored."""
+        ...
+
+    def previous_progress(self) -> Progress: ...
+
+    def record(self, locations: Mapping[str, str], progress: Progress) -> None:
+        """Persist newly stored instances and the current counters, together."""
+        ...
+
+    def cancel_requested(self) -> bool: ...
+
+
+class RedisJobState:
+    def __init__(self, store: JobStore, job_id: str) -> None:
+        self._store = store
+        self._job_id = job_id
+
+    def stored_instances(self) -> dict[str, str]:
+        return self._store.stored_instances(self._job_id)
+
+    def previous_progress(self) -> Progress:
+        return self._store.get(self._job_id).progress
+
+    def record(self, locations: Mapping[str, str], progress: Progress) -> None:
+        self._store.record_instances(self._job_id, locations)
+        self._store.set_progress(self._job_id, progress)
+
+    def cancel_requested(self) -> bool:
+        return self._store.cancel_requested(self._job_id)
+
+
+class LocalJobState:
+    """In-memory state for an inline retrieve; *on_progress* drives a progress bar."""
+
+    def __init__(self, on_progress: Callable[[Progress], None] | None = None) -> None:
+        self.instances: dict[str, str] = {}
+        self.progress = Progress()
+        self._on_progress = on_progress
+        self.cancel = False
+
+    def stored_instances(self) -> dict[str, str]:
+        return dict(self.instances)
+
+    def previous_progress(self) -> Progress:
+        return self.progress
+
+    def record(self, locations: Mapping[str, str], progress: Progress) -> None:
+        self.instances.update(locations)
+        self.progress = progress
+        if self._on_progress:
+            self._on_progress(progress)
+
+    def cancel_requested(self) -> bool:
+        return self.cancel

@@ -1,0 +1,166 @@
+"""The Celery tasks: idempotent, leased, explicitly retried.
+
+A job may be delivered more than once (a worker died before acknowledging it, the
+visibility timeout lapsed): the job's status and its lease in Redis decide what a delivery
+does. A final job is left alone; a job leased by a live worker is retried later; a lease
+held by a dead process on this host is broken at once. Each attempt resumes from what
+earlier attempts recorded as stored.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from celery import Task
+
+from pacsfetch.errors import RetrieveError
+from pacsfetch.jobstore import JobNotFound, JobStore
+from pacsfetch.models import FINAL_STATUSES, JobStatus
+from pacsfetch.plugins.dimse import echo as dicom_echo
+from pacsfetch.queue import ECHO_TASK, RETRIEVE_TASK, redis_priority
+from pacsfetch.workers.celery_app import app, config, registry, store_settings
+from pacsfetch.workers.runner import JobRunner, Outcome
+from pacsfetch.workers.state import RedisJobState
+
+log = logging.getLogger(__name__)
+
+_stores: dict[int, JobStore] = {}
+
+
+def jobstore() -> JobStore:
+    """One Redis client per process: prefork children must not share their parent's sockets."""
+    pid = os.getpid()
+    if pid not in _stores:
+        _stores.clear()
+        _stores[pid] = JobStore.from_url(config.broker.url)
+    return _stores[pid]
+
+
+def _lease_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _holder_is_dead_here(holder: str) -> bool:
+    host, _, pid = holder.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class _Heartbeat(threading.Thread):
+    """Renews the job's lease while the attempt runs."""
+
+    def __init__(self, store: JobStore, job_id: str, owner: str, ttl: float) -> None:
+        super().__init__(daemon=True, name=f"lease-{job_id[:8]}")
+        self._store, self._job_id, self._owner, self._ttl = store, job_id, owner, ttl
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self._ttl / 3):
+            self._store.acquire_lease(self._job_id, self._owner, self._ttl)
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+@app.task(name=RETRIEVE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+          max_retries=None)
+def retrieve(self: Task, job_id: str) -> None:
+    store = jobstore()
+    try:
+        job = store.get(job_id)
+    except JobNotFound:
+        log.error("job not found; dropping its message", extra={"job_id": job_id})
+        return
+    if job.status in FINAL_STATUSES:
+        log.info("job already final; nothing to do", extra={"job_id": job_id, "status": job.status.value})
+        return
+    owner = _lease_owner()
+    lease_ttl = config.worker.lease_seconds
+    holder = store.acquire_lease(job_id, owner, lease_ttl)
+    if holder != owner:
+        if _holder_is_dead_here(holder) and store.break_lease(job_id, holder):
+            holder = store.acquire_lease(job_id, owner, lease_ttl)
+        if holder != owner:
+            log.info("job leased by another worker; checking again later", extra={"job_id": job_id})
+            raise self.retry(countdown=lease_ttl, priority=redis_priority(job.request.priority))
+    heartbeat = _Heartbeat(store, job_id, owner, lease_ttl)
+    heartbeat.start()
+    try:
+        _attempt(self, store, job_id)
+    finally:
+        heartbeat.stop()
+        store.release_lease(job_id, owner)
+
+
+def _attempt(task: Task, store: JobStore, job_id: str) -> None:
+    changed, previous = store.transition(
+        job_id, JobStatus.RUNNING, allowed_from=[JobStatus.QUEUED, JobStatus.RUNNING],
+        error=None, error_kind=None,
+    )
+    if not changed:
+        log.info("job no longer runnable", extra={"job_id": job_id, "status": str(previous)})
+        return
+    attempt = store.incr_attempts(job_id)
+    job = store.get(job_id)
+    hooks = registry.hooks.hook
+    hooks.pacsfetch_job_started(job=job, attempt=attempt)
+    log.info("job started", extra={"job_id": job_id, "attempt": attempt, "source": job.request.source})
+    runner = JobRunner(config, registry, store_settings)
+    try:
+        outcome = runner.run(job_id, job.request, RedisJobState(store, job_id))
+    except RetrieveError as exc:
+        retries = task.request.retries
+        if retries < config.worker.max_retries:  # the runner raises only retryable errors
+            countdown = config.worker.retry_backoff * (2**retries)
+            store.transition(
+                job_id, JobStatus.QUEUED, allowed_from=[JobStatus.RUNNING],
+                error=f"attempt {attempt} failed, retrying in {countdown:g} s: {exc.message}",
+                error_kind=exc.kind.value,
+            )
+            log.warning("attempt failed; retrying", extra={
+                "job_id": job_id, "attempt": attempt, "error_kind": exc.kind.value})
+            raise task.retry(countdown=countdown, priority=redis_priority(job.request.priority),
+                             max_retries=config.worker.max_retries) from None
+        gave_up = f" (gave up after {attempt} attempts)" if attempt > 1 else ""
+        outcome = Outcome(JobStatus.FAILED, store.get(job_id).progress, None,
+                          exc.message + gave_up, exc.kind.value)
+    except Exception as exc:  # a bug, not the PACS: fail the job loudly, keep the worker
+        log.exception("job crashed", extra={"job_id": job_id})
+        outcome = Outcome(JobStatus.FAILED, store.get(job_id).progress, None,
+                          f"internal error: {type(exc).__name__}: {exc}", "internal")
+    _finish(store, job_id, outcome)
+
+
+def _finish(store: JobStore, job_id: str, outcome: Outcome) -> None:
+    store.set_progress(job_id, outcome.progress)
+    fields: dict[str, Any] = {"error": outcome.error, "error_kind": outcome.error_kind}
+    if outcome.transport:
+        fields["transport"] = outcome.transport
+    store.transition(job_id, outcome.status, allowed_from=[JobStatus.RUNNING], **fields)
+    job = store.get(job_id)
+    log.info("job finished", extra={
+        "job_id": job_id, "status": job.status.value, "completed": job.progress.completed,
+        "failed": job.progress.failed, "bytes": job.progress.bytes})
+    registry.hooks.hook.pacsfetch_job_finished(job=job)
+
+
+@app.task(name=ECHO_TASK, ignore_result=False, acks_late=False)
+def echo(source_name: str) -> dict[str, Any]:
+    """C-ECHO a configured source on behalf of the API (which never talks DICOM itself)."""
+    source = config.sources.get(source_name)
+    if source is None:
+        return {"ok": False, "message": f"unknown source {source_name!r}", "elapsed_ms": 0.0}
+    result = dicom_echo(source)
+    return {"ok": result.ok, "message": result.message, "elapsed_ms": round(result.elapsed_ms, 1)}
