@@ -148,16 +148,30 @@ class FilesystemSession:
             SOPClassUID=identity.sop_class_uid,
             TransferSyntaxUID=identity.transfer_syntax_uid,
         )
-        relative = self._settings.layout.format_map(_Missing(values))
+        relative = Path(self._settings.layout.format_map(_Missing(values)))
         final = self._root / relative
-        parent = final.parent
-        if parent not in self._checked_dirs:
-            parent.mkdir(parents=True, exist_ok=True)
-            real = Path(os.path.realpath(parent))
-            if real != self._root_real and self._root_real not in real.parents:
-                raise PermissionError(f"layout would write outside the store root: {relative}")
-            self._checked_dirs.add(parent)
+        if final.parent not in self._checked_dirs:
+            self._make_dirs_inside_root(relative.parent)
+            self._checked_dirs.add(final.parent)
         return final
+
+    def _make_dirs_inside_root(self, relative: Path) -> None:
+        """Create directories one level at a time, refusing any that resolves outside root.
+
+        Checking each level before descending means a symlink planted inside the store
+        can never make us create, let alone write, anything outside it.
+        """
+        current = self._root_real
+        for part in relative.parts:
+            candidate = current / part
+            try:
+                candidate.mkdir()
+            except FileExistsError:
+                pass
+            real = Path(os.path.realpath(candidate))
+            if not real.is_relative_to(self._root_real):
+                raise PermissionError(f"layout would write outside the store root: {relative}")
+            current = real
 
     def write(self, instance: IncomingInstance) -> _Staged:
         final = self._final_path(instance)
