@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.uid import UID
@@ -39,14 +39,21 @@ class _Watch:
     """What the ACSE layer told us while the association was being negotiated."""
 
     connected: bool = False
+    answered: bool = False
     rejection: str | None = None
-    events: list[str] = field(default_factory=list)
 
     def handlers(self) -> list[Handler]:
-        return [(evt.EVT_CONN_OPEN, self._on_open), (evt.EVT_ACSE_RECV, self._on_acse)]
+        return [
+            (evt.EVT_CONN_OPEN, self._on_open),
+            (evt.EVT_PDU_RECV, self._on_pdu),
+            (evt.EVT_ACSE_RECV, self._on_acse),
+        ]
 
     def _on_open(self, event: evt.Event) -> None:
         self.connected = True
+
+    def _on_pdu(self, event: evt.Event) -> None:
+        self.answered = True
 
     def _on_acse(self, event: evt.Event) -> None:
         primitive = event.primitive  # type: ignore[attr-defined]
@@ -83,6 +90,7 @@ def associate(
     ae.requested_contexts = list(contexts)
     watch = _Watch()
     where = f"{source.ae_title}@{source.host}:{source.port}"
+    started = time.monotonic()
     assoc = ae.associate(
         source.host,
         source.port,
@@ -99,7 +107,15 @@ def associate(
             f"Check that the PACS knows calling AE title {source.calling_ae_title!r} "
             f"(and its host) and that its own AE title is {source.ae_title!r}.",
         )
-    if assoc.is_aborted and assoc.rejected_contexts and not assoc.accepted_contexts:
+    # pynetdicom reports a failed connect and a silent peer as "aborted" too, so what the
+    # transport layer saw decides the kind: connection, silence, or a real abort.
+    if not watch.connected:
+        raise RetrieveError(
+            ErrorKind.CONNECTION,
+            f"cannot connect to {source.host}:{source.port} (refused or timed out after "
+            f"{source.timeout:g} s): is the PACS running and are host and port right?",
+        )
+    if assoc.rejected_contexts and not assoc.accepted_contexts:
         raise RetrieveError(
             ErrorKind.NEGOTIATION,
             f"{where} accepted none of the {len(contexts)} presentation contexts proposed for "
@@ -107,21 +123,21 @@ def associate(
             "The PACS does not offer this service or these SOP classes to "
             f"{source.calling_ae_title!r}; enable them on the PACS or use another transport.",
         )
-    if assoc.is_aborted:
-        raise RetrieveError(
-            ErrorKind.ASSOCIATION_ABORTED,
-            f"{where} aborted the association during negotiation for {purpose}.",
-        )
-    if watch.connected:
+    if not watch.answered and time.monotonic() - started >= source.timeout * 0.9:
         raise RetrieveError(
             ErrorKind.TIMEOUT,
             f"{where} accepted the TCP connection but did not answer the association request "
             f"within {source.timeout:g} s: is this port a DICOM port?",
         )
+    if not watch.answered:
+        raise RetrieveError(
+            ErrorKind.ASSOCIATION_ABORTED,
+            f"{where} closed the connection without answering the association request for "
+            f"{purpose}: is this port a DICOM port, and does the PACS accept this host?",
+        )
     raise RetrieveError(
-        ErrorKind.CONNECTION,
-        f"cannot connect to {source.host}:{source.port} (refused or timed out after "
-        f"{source.timeout:g} s): is the PACS running and are host and port right?",
+        ErrorKind.ASSOCIATION_ABORTED,
+        f"{where} aborted the association during negotiation for {purpose}.",
     )
 
 

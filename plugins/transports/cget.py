@@ -267,6 +267,8 @@ def _run_gets(
                     f"(after {stored} instance(s) this attempt); a retry resumes the job.",
                 )
             remaining = status.get("NumberOfRemainingSuboperations")
+            if remaining is None and code not in (0xFF00, 0xFF01):
+                remaining = 0  # a final response may omit it: nothing is left of this C-GET
             completed = status.get("NumberOfCompletedSuboperations") or 0
             failed = status.get("NumberOfFailedSuboperations") or 0
             warning = status.get("NumberOfWarningSuboperations") or 0
