@@ -1,0 +1,80 @@
+"""Shared fixtures: real peers (Redis, Orthanc, DCMTK) on private loopback ports.
+
+Nothing here is mocked: each peer is the real server from Debian's packages, started once per
+test session by :mod:`pacsfetch.sandbox.peers` and stopped at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from helpers import WorkerProcess, make_config, write_toml
+
+from pacsfetch.config import Config, parse_config
+from pacsfetch.sandbox.peers import Orthanc, RedisServer
+from pacsfetch.sandbox.samples import SampleStudy, generate_mixed_study, generate_uniform_study
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    with RedisServer(tmp_path_factory.mktemp("redis")) as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """A clean Redis database for each test."""
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushdb()
+    yield redis_server.url
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def mixed_study(tmp_path_factory: pytest.TempPathFactory) -> SampleStudy:
+    return generate_mixed_study(tmp_path_factory.mktemp("mixed"))
+
+
+@pytest.fixture(scope="session")
+def big_study(tmp_path_factory: pytest.TempPathFactory) -> SampleStudy:
+    """Enough instances that a job is still running while a test cancels or kills it."""
+    return generate_uniform_study(tmp_path_factory.mktemp("big"), n_instances=400, rows=128,
+                                  columns=128, patient_id="PF-TEST-BIG", seed=7)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory, mixed_study: SampleStudy,
+            big_study: SampleStudy) -> Iterator[Orthanc]:
+    with Orthanc(tmp_path_factory.mktemp("orthanc")) as server:
+        server.upload_study(mixed_study)
+        server.upload_study(big_study)
+        yield server
+
+
+@pytest.fixture
+def config_factory(redis_url: str, tmp_path: Path) -> Callable[..., Config]:
+    def build(**kwargs: Any) -> Config:
+        kwargs.setdefault("store_root", tmp_path / "store")
+        return parse_config(make_config(redis_url=redis_url, **kwargs))
+
+    return build
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
+    started: list[WorkerProcess] = []
+
+    def start(config: dict[str, Any], concurrency: int = 1) -> WorkerProcess:
+        path = write_toml(config, tmp_path / f"worker{len(started)}.toml")
+        worker = WorkerProcess(path, tmp_path / f"worker{len(started)}.log", concurrency)
+        started.append(worker)
+        worker.wait_ready()
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()

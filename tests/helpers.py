@@ -1,0 +1,94 @@
+"""Helpers the tests share: config dicts, a worker subprocess, polling.
+
+Plain functions and classes (not fixtures), importable by test modules as ``helpers``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from pacsfetch.sandbox.peers import Orthanc
+
+CALLING_AE = "PACSFETCH"
+
+
+def make_config(*, redis_url: str, store_root: Path, orthanc: Orthanc | None = None,
+                extra_sources: dict[str, dict[str, Any]] | None = None,
+                worker: dict[str, Any] | None = None, fsync: bool = True) -> dict[str, Any]:
+    """A config as the TOML file would hold it (a dict), for parse_config or write_toml."""
+    sources: dict[str, dict[str, Any]] = {}
+    if orthanc is not None:
+        sources["orthanc"] = {"ae_title": orthanc.aet, "host": "127.0.0.1",
+                              "port": orthanc.dicom_port, "calling_ae_title": CALLING_AE,
+                              "transports": ["c-get"], "timeout": 10}
+    sources.update(extra_sources or {})
+    return {
+        "broker": {"url": redis_url},
+        "sources": sources,
+        "stores": {"local": {"plugin": "filesystem", "root": str(store_root), "fsync": fsync}},
+        "worker": {"max_retries": 2, "retry_backoff": 0.2, "lease_seconds": 6,
+                   "progress_interval": 0.1, **(worker or {})},
+    }
+
+
+def write_toml(data: dict[str, Any], path: Path) -> Path:
+    path.write_text(tomli_w.dumps(data))
+    return path
+
+
+class WorkerProcess:
+    """``pacsfetch worker`` in a subprocess, as an operator runs it."""
+
+    def __init__(self, config_path: Path, log_path: Path, concurrency: int = 1) -> None:
+        env = {**os.environ, "PACSFETCH_CONFIG": str(config_path), "PACSFETCH_LOG_LEVEL": "INFO"}
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pacsfetch", "worker", "-c", str(concurrency)],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in out.stdout.split()]
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited:\n{self.log_path.read_text()[-3000:]}")
+            if b"ready." in self.log_path.read_bytes():
+                return
+            time.sleep(0.1)
+        raise RuntimeError(f"worker not ready:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.1,
+             what: str = "condition") -> Any:
+    """Poll until *predicate* returns something truthy; fail the test after *timeout*."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
