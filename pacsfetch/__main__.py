@@ -1,0 +1,5 @@
+"""``python -m pacsfetch`` runs the CLI."""
+
+from pacsfetch.cli import main
+
+main()
