@@ -9,11 +9,16 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from pacsfetch.config import Config
 from pacsfetch.models import JobRequest, JobStatus, Level
 from pacsfetch.plugins.registry import get_registry
-from pacsfetch.sandbox.peers import Orthanc
+from pacsfetch.sandbox.peers import DcmQrScp, Orthanc
 from pacsfetch.sandbox.samples import SampleStudy
 from pacsfetch.workers.runner import JobRunner, Outcome
 from pacsfetch.workers.state import LocalJobState
@@ -177,3 +182,40 @@ def test_silent_peer_is_a_timeout(config_factory: Callable[..., Config], silent_
         run(config, JobRequest(source="mute", study_uid="1.2.3", store="local"))
     assert info.value.kind == "timeout"
     assert "did not answer the association request" in info.value.message
+
+
+@pytest.fixture(scope="module")
+def dcmqrscp(tmp_path_factory: pytest.TempPathFactory, mixed_study: SampleStudy) -> Iterator[DcmQrScp]:
+    files = [instance.path for instance in mixed_study.instances]
+    with DcmQrScp(tmp_path_factory.mktemp("dcmqrscp"), files=files) as server:
+        yield server
+
+
+def test_dcmtk_archive_study_is_stored_byte_for_byte(
+    config_factory: Callable[..., Config], dcmqrscp: DcmQrScp, mixed_study: SampleStudy
+) -> None:
+    # dcmqrscp returns neither SOP Class UID nor Available Transfer Syntax UID in C-FIND and
+    # cannot decompress: the transport must guess classes and syntaxes in rounds.
+    config = config_factory(extra_sources={"dcmtk": {
+        "ae_title": dcmqrscp.aet, "host": "127.0.0.1", "port": dcmqrscp.port, "timeout": 10}})
+    request = JobRequest(source="dcmtk", study_uid=mixed_study.study_uid, store="local")
+    outcome = run(config, request)
+    assert outcome.status is JobStatus.SUCCEEDED, outcome.error
+    files = stored_files(_root(config))
+    assert len(files) == len(mixed_study.instances)
+    by_sop = {i.sop_instance_uid: i for i in mixed_study.instances}
+    for path in files:
+        sample = by_sop[path.stem]
+        stored = dcmread(path)
+        if sample.transfer_syntax_uid in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+            # dcmqrscp sends an instance on the first context accepted for its class, and the
+            # first round offers Explicit VR Little Endian: it re-encodes uncompressed data
+            # sets (losslessly) to that. Compressed ones it cannot re-encode, so they arrive
+            # exactly as stored, in later rounds.
+            original = dcmread(sample.path)
+            assert stored.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+            assert stored.PixelData == original.PixelData
+            assert stored.SOPInstanceUID == original.SOPInstanceUID
+            continue
+        assert stored.file_meta.TransferSyntaxUID == sample.transfer_syntax_uid
+        assert dataset_bytes(path.read_bytes()) == dataset_bytes(sample.path.read_bytes())

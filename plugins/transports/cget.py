@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,7 @@ from pacsfetch.models import Level
 from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport, Verdict
 from pacsfetch.plugins.dimse import MAX_PRESENTATION_CONTEXTS, associate
 from pacsfetch.plugins.transports.query import UIDS_PER_QUERY, InstanceRef, chunks, find_instances
+from pacsfetch.plugins.transports.sopclasses import candidate_classes
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ _STORE_STATUS = {
 }
 
 Context = tuple[str, str]  # (SOP class UID, transfer syntax UID)
+Handler = Callable[[evt.Event], int]
 
 
 @dataclass
@@ -113,10 +115,16 @@ def _identifier(level: Level, study_uid: str, series_uid: str | None = None,
 def plan_associations(
     ctx: RetrieveContext, inventory: list[InstanceRef], syntaxes: Iterable[str]
 ) -> list[AssociationPlan]:
-    """Pack what is still missing into associations of at most 127 storage contexts."""
+    """Pack what is still missing into associations of at most 127 storage contexts.
+
+    Instances of unknown SOP class are left out (see :func:`_guess_classes`); their
+    presence only stops the plan from asking for whole series or the whole request.
+    """
     syntaxes = tuple(syntaxes)
     request = ctx.request
-    missing = [r for r in inventory if r.sop_instance_uid not in ctx.already_stored]
+    missing = [
+        r for r in inventory if r.sop_class_uid and r.sop_instance_uid not in ctx.already_stored
+    ]
     by_series: dict[str, list[InstanceRef]] = defaultdict(list)
     for ref in missing:
         by_series[ref.series_uid].append(ref)
@@ -177,6 +185,8 @@ class _Counters:
     failed: int = 0
     warning: int = 0
     failed_uids: list[str] = field(default_factory=list)
+    received: set[str] = field(default_factory=set)
+    """SOP Instance UIDs the sink stored or already had, this attempt."""
     problems: list[str] = field(default_factory=list)
     problem_kind: ErrorKind | None = None
     cancelled: bool = False
@@ -186,7 +196,7 @@ class _Counters:
         self.problems.append(text)
 
 
-def _on_c_store(ctx: RetrieveContext):
+def _on_c_store(ctx: RetrieveContext, counters: _Counters):
     def handler(event: evt.Event) -> int:
         request = event.request
         path: Path = event.dataset_path
@@ -195,11 +205,14 @@ def _on_c_store(ctx: RetrieveContext):
         spool_handle = getattr(request, "_dataset_file", None)
         if spool_handle is not None:
             spool_handle.close()
+        sop_instance_uid = str(request.AffectedSOPInstanceUID)
         verdict = ctx.sink.accept(
             path,
             sop_class_uid=str(request.AffectedSOPClassUID),
-            sop_instance_uid=str(request.AffectedSOPInstanceUID),
+            sop_instance_uid=sop_instance_uid,
         )
+        if verdict in (Verdict.STORED, Verdict.DUPLICATE):
+            counters.received.add(sop_instance_uid)
         return _STORE_STATUS[verdict]
 
     return handler
@@ -214,14 +227,7 @@ def _check_negotiation(
         for cx in assoc.accepted_contexts
         if cx.as_scp
     }
-    if not any(str(cx.abstract_syntax) == GET_MODEL for cx in assoc.accepted_contexts):
-        assoc.release()
-        raise RetrieveError(
-            ErrorKind.NEGOTIATION,
-            f"{where} refused the Study Root C-GET presentation context: it does not offer "
-            f"C-GET to {source_ae!r}. Enable C-GET for this AE on the PACS, or retrieve with "
-            "C-MOVE or DICOMweb.",
-        )
+    _require_get_model(assoc, where, source_ae)
     usable_classes = {cls for cls, _ in accepted}
     refused_classes = sorted({cls for cls, _ in plan.contexts} - usable_classes)
     if refused_classes:
@@ -248,11 +254,26 @@ def _check_negotiation(
         )
 
 
+def _require_get_model(assoc: Association, where: str, source_ae: str) -> None:
+    if not any(str(cx.abstract_syntax) == GET_MODEL for cx in assoc.accepted_contexts):
+        assoc.release()
+        raise RetrieveError(
+            ErrorKind.NEGOTIATION,
+            f"{where} refused the Study Root C-GET presentation context: it does not offer "
+            f"C-GET to {source_ae!r}. Enable C-GET for this AE on the PACS, or retrieve with "
+            "C-MOVE or DICOMweb.",
+        )
+
+
 def _run_gets(
     ctx: RetrieveContext, assoc: Association, plan: AssociationPlan, counters: _Counters,
-    later: int, where: str,
+    later: int, where: str, *, tentative: bool = False,
 ) -> None:
-    """Send the plan's C-GETs, feeding progress and honouring cancellation."""
+    """Send the plan's C-GETs, feeding progress and honouring cancellation.
+
+    A *tentative* plan guesses SOP classes: sub-operations it fails are expected (no
+    context for the instance's class) and are neither reported nor counted.
+    """
     for msg_id, identifier in enumerate(plan.identifiers, start=1):
         base = (counters.completed, counters.failed, counters.warning)
         cancel_sent = False
@@ -272,6 +293,8 @@ def _run_gets(
             completed = status.get("NumberOfCompletedSuboperations") or 0
             failed = status.get("NumberOfFailedSuboperations") or 0
             warning = status.get("NumberOfWarningSuboperations") or 0
+            if tentative:
+                failed = 0
             ctx.progress.peer_counts(
                 remaining=None if remaining is None else remaining + later,
                 completed=base[0] + completed, failed=base[1] + failed,
@@ -292,7 +315,7 @@ def _run_gets(
         if final_code == 0xFE00 or cancel_sent:
             counters.cancelled = True
             return
-        if final_code not in (0x0000, 0xB000):
+        if final_code not in (0x0000, 0xB000) and not tentative:
             counters.problem(
                 ErrorKind.PEER_STATUS,
                 f"{where} ended a C-GET with status 0x{final_code:04X}"
@@ -310,6 +333,81 @@ def _status_hint(code: int | None) -> str:
     if 0xC000 <= code <= 0xCFFF:
         return " (the PACS was unable to process the request)"
     return ""
+
+
+def _guess_classes(
+    ctx: RetrieveContext, unknown: list[InstanceRef], syntaxes: tuple[str, ...] | list[str],
+    counters: _Counters, handler: Handler, where: str,
+) -> None:
+    """Fetch instances whose SOP class the PACS did not say, in rounds of guesses.
+
+    First, per Modality, the classes usual for it, each with every transfer syntax: a PACS
+    that picks the context matching how it stores an instance sends it unchanged. Then one
+    association per transfer syntax with every common storage class in that syntax only,
+    for PACS (dcmqrscp among them) that use the first context accepted for a class whatever
+    its syntax. Each round asks, at IMAGE level, only for what has not arrived; the PACS
+    fails the rest, which the next round asks for again.
+    """
+    syntaxes = tuple(syntaxes)
+    per_association = max(1, STORAGE_CONTEXTS_PER_ASSOCIATION // len(syntaxes))
+    rounds: list[tuple[list[InstanceRef], list[Context]]] = []
+    by_modality: dict[str | None, list[InstanceRef]] = defaultdict(list)
+    for ref in unknown:
+        by_modality[ref.modality].append(ref)
+    for modality, refs in by_modality.items():
+        likely = candidate_classes(modality)[:per_association]
+        rounds.append((refs, [(c, t) for c in likely for t in syntaxes]))
+    every_class = candidate_classes(None)[:STORAGE_CONTEXTS_PER_ASSOCIATION]
+    rounds += [(unknown, [(c, t) for c in every_class]) for t in syntaxes]
+
+    tried = 0
+    for refs, contexts in rounds:
+        missing = [r for r in refs if r.sop_instance_uid not in counters.received]
+        if not missing or counters.cancelled:
+            continue
+        tried += 1
+        _tentative_round(ctx, missing, contexts, counters, handler, where)
+    never = [r for r in unknown if r.sop_instance_uid not in counters.received]
+    if never and not counters.cancelled:
+        modalities = ", ".join(sorted({r.modality or "unknown" for r in never}))
+        counters.failed += len(never)
+        counters.problem(
+            ErrorKind.NEGOTIATION,
+            f"{where} does not return SOP Class UID in C-FIND, and sent none of {len(never)} "
+            f"instance(s) (modality {modalities}) under any of the common storage SOP classes "
+            f"and transfer syntaxes proposed in {tried} association(s): they are of a class "
+            "pacsfetch does not guess. Retrieve them with C-MOVE or DICOMweb.",
+        )
+
+
+def _tentative_round(
+    ctx: RetrieveContext, missing: list[InstanceRef], contexts: list[Context],
+    counters: _Counters, handler: Handler, where: str,
+) -> None:
+    by_series: dict[str, list[str]] = defaultdict(list)
+    for ref in missing:
+        by_series[ref.series_uid].append(ref.sop_instance_uid)
+    identifiers = [
+        _identifier(Level.IMAGE, ctx.request.study_uid, series_uid, part)
+        for series_uid, uids in by_series.items()
+        for part in chunks(uids, UIDS_PER_QUERY)
+    ]
+    plan = AssociationPlan(contexts, identifiers, missing)
+    classes = sorted({c for c, _ in contexts})
+    source = ctx.source
+    assoc = associate(
+        source,
+        [build_context(GET_MODEL)] + [build_context(c, t) for c, t in contexts],
+        ext_neg=[build_role(c, scp_role=True) for c in classes],
+        handlers=[(evt.EVT_C_STORE, handler)],
+        purpose="C-GET",
+    )
+    try:
+        _require_get_model(assoc, where, source.calling_ae_title)
+        _run_gets(ctx, assoc, plan, counters, 0, where, tentative=True)
+    finally:
+        if assoc.is_established:
+            assoc.release()
 
 
 class CGetTransport:
@@ -331,8 +429,10 @@ class CGetTransport:
         syntaxes = source.transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES
         plans = plan_associations(ctx, inventory, syntaxes)
         counters = _Counters()
-        handler = _on_c_store(ctx)
-        pending = sum(len(p.instances) for p in plans)
+        handler = _on_c_store(ctx, counters)
+        unknown = [r for r in inventory
+                   if not r.sop_class_uid and r.sop_instance_uid not in ctx.already_stored]
+        pending = sum(len(p.instances) for p in plans) + len(unknown)
         for plan in plans:
             pending -= len(plan.instances)
             contexts = [build_context(GET_MODEL)] + [build_context(c, t) for c, t in plan.contexts]
@@ -349,6 +449,8 @@ class CGetTransport:
                     assoc.release()
             if counters.cancelled:
                 break
+        if unknown and not counters.cancelled:
+            _guess_classes(ctx, unknown, syntaxes, counters, handler, where)
         if counters.failed and not counters.problems:
             counters.problem(
                 ErrorKind.PEER_STATUS,

@@ -34,8 +34,11 @@ class InstanceRef:
     series_uid: str
     sop_instance_uid: str
     sop_class_uid: str
+    """Empty when the PACS does not return SOP Class UID at IMAGE level (dcmqrscp does not)."""
     transfer_syntaxes: tuple[str, ...] = ()
     """Available Transfer Syntax UID (0008,3002), when the PACS returns it."""
+    modality: str | None = None
+    """The series' Modality: narrows the storage classes to propose when the class is unknown."""
 
 
 def chunks(items: list[str], size: int) -> Iterator[list[str]]:
@@ -64,20 +67,19 @@ def find_instances(source: SourceConfig, request: JobRequest) -> list[InstanceRe
     where = f"{source.ae_title}@{source.host}:{source.port}"
     assoc = associate(source, [build_context(FIND_MODEL)], purpose="C-FIND")
     try:
-        if request.series_uid:
-            series_uids = [request.series_uid]
-        else:
-            query = Dataset()
-            query.QueryRetrieveLevel = "SERIES"
-            query.StudyInstanceUID = request.study_uid
-            query.SeriesInstanceUID = ""
-            series_uids = sorted(
-                {
-                    uid
-                    for found in _find(assoc, query, where)
-                    if is_valid_uid(uid := str(found.get("SeriesInstanceUID", "")))
-                }
-            )
+        query = Dataset()
+        query.QueryRetrieveLevel = "SERIES"
+        query.StudyInstanceUID = request.study_uid
+        query.SeriesInstanceUID = request.series_uid or ""
+        query.Modality = ""
+        modalities: dict[str, str | None] = {}
+        for found in _find(assoc, query, where):
+            uid = str(found.get("SeriesInstanceUID", ""))
+            if is_valid_uid(uid):
+                modalities[uid] = str(found.get("Modality", "")) or None
+        if request.series_uid and not modalities:
+            modalities[request.series_uid] = None  # the PACS may not list it; ask anyway
+        series_uids = sorted(modalities)
         wanted = set(request.sop_uids)
         refs: dict[str, InstanceRef] = {}
         for series_uid in series_uids:
@@ -91,7 +93,7 @@ def find_instances(source: SourceConfig, request: JobRequest) -> list[InstanceRe
                 query.SOPClassUID = ""
                 query.AvailableTransferSyntaxUID = ""
                 for found in _find(assoc, query, where):
-                    ref = _instance_ref(found, series_uid)
+                    ref = _instance_ref(found, series_uid, modalities[series_uid])
                     if ref and (not wanted or ref.sop_instance_uid in wanted):
                         refs[ref.sop_instance_uid] = ref
         return list(refs.values())
@@ -99,12 +101,14 @@ def find_instances(source: SourceConfig, request: JobRequest) -> list[InstanceRe
         assoc.release()
 
 
-def _instance_ref(found: Dataset, series_uid: str) -> InstanceRef | None:
+def _instance_ref(found: Dataset, series_uid: str, modality: str | None) -> InstanceRef | None:
     sop_uid = str(found.get("SOPInstanceUID", ""))
     sop_class = str(found.get("SOPClassUID", ""))
-    if not (is_valid_uid(sop_uid) and is_valid_uid(sop_class)):
+    if not is_valid_uid(sop_uid):
         return None
+    if not is_valid_uid(sop_class):
+        sop_class = ""
     raw = found.get("AvailableTransferSyntaxUID")
     values = [] if raw in (None, "") else ([raw] if isinstance(raw, str) else list(raw))
     syntaxes = tuple(str(v) for v in values if is_valid_uid(str(v)))
-    return InstanceRef(series_uid, sop_uid, sop_class, syntaxes)
+    return InstanceRef(series_uid, sop_uid, sop_class, syntaxes, modality)
