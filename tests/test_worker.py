@@ -133,3 +133,23 @@ def test_pacs_down_fails_clearly_after_retries(redis_url: str, tmp_path: Path,
     assert job["attempts"] == 3  # the first try and worker.max_retries = 2 retries
     assert f"cannot connect to 127.0.0.1:{port}" in job["error"]
     assert "gave up after 3 attempts" in job["error"]
+
+
+def test_urgent_job_overtakes_a_queued_backlog(setup: dict[str, Any], start_worker: Callable[..., WorkerProcess],
+                                               mixed_study: SampleStudy) -> None:
+    # Jobs wait in Redis while no worker runs; one worker process then takes them one by one.
+    client = _client(setup)
+    series = mixed_study.series_uids
+
+    def submit(series_uid: str, priority: int) -> str:
+        return client.post("/jobs", json={"source": "orthanc", "level": "SERIES", "priority": priority,
+                                          "study_uid": mixed_study.study_uid, "series_uid": series_uid,
+                                          "store": "local"}).json()["id"]
+
+    backlog = [submit(uid, 0) for uid in series[:4]]
+    urgent = submit(series[4], 9)
+    start_worker(setup)
+    jobs = {job_id: _final(client, job_id) for job_id in [*backlog, urgent]}
+    assert all(job["status"] == "succeeded" for job in jobs.values())
+    order = sorted(jobs, key=lambda job_id: jobs[job_id]["started_at"])
+    assert order[0] == urgent, [jobs[j]["priority"] for j in order]
