@@ -18,7 +18,7 @@ from typing import Any
 from celery import Task
 
 from pacsfetch.errors import RetrieveError
-from pacsfetch.jobstore import JobNotFound, JobStore
+from pacsfetch.jobstore import JobNotFound, JobStore, encode_notes
 from pacsfetch.models import FINAL_STATUSES, JobStatus
 from pacsfetch.plugins.dimse import echo as dicom_echo
 from pacsfetch.queue import ECHO_TASK, RETRIEVE_TASK, redis_priority
@@ -107,7 +107,7 @@ def retrieve(self: Task, job_id: str) -> None:
 def _attempt(task: Task, store: JobStore, job_id: str) -> None:
     changed, previous = store.transition(
         job_id, JobStatus.RUNNING, allowed_from=[JobStatus.QUEUED, JobStatus.RUNNING],
-        error=None, error_kind=None,
+        error=None, error_kind=None, transport_notes=None,
     )
     if not changed:
         log.info("job no longer runnable", extra={"job_id": job_id, "status": str(previous)})
@@ -148,6 +148,8 @@ def _finish(store: JobStore, job_id: str, outcome: Outcome) -> None:
     fields: dict[str, Any] = {"error": outcome.error, "error_kind": outcome.error_kind}
     if outcome.transport:
         fields["transport"] = outcome.transport
+    if outcome.transport_notes:
+        fields["transport_notes"] = encode_notes(outcome.transport_notes)
     store.transition(job_id, outcome.status, allowed_from=[JobStatus.RUNNING], **fields)
     job = store.get(job_id)
     log.info("job finished", extra={
