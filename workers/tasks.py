@@ -21,7 +21,9 @@ from pacsfetch.errors import RetrieveError
 from pacsfetch.jobstore import JobNotFound, JobStore, encode_notes
 from pacsfetch.models import FINAL_STATUSES, JobStatus
 from pacsfetch.plugins.dimse import echo as dicom_echo
-from pacsfetch.queue import ECHO_TASK, RETRIEVE_TASK, redis_priority
+from pacsfetch.plugins.find import find_studies as dicom_find_studies
+from pacsfetch.queue import ECHO_TASK, FIND_STUDIES_TASK, RETRIEVE_TASK, redis_priority
+from pacsfetch.studyquery import StudyQuery
 from pacsfetch.workers.celery_app import app, config, registry, store_settings
 from pacsfetch.workers.runner import JobRunner, Outcome
 from pacsfetch.workers.state import RedisJobState
@@ -166,3 +168,16 @@ def echo(source_name: str) -> dict[str, Any]:
         return {"ok": False, "message": f"unknown source {source_name!r}", "elapsed_ms": 0.0}
     result = dicom_echo(source)
     return {"ok": result.ok, "message": result.message, "elapsed_ms": round(result.elapsed_ms, 1)}
+
+
+@app.task(name=FIND_STUDIES_TASK, ignore_result=False, acks_late=False)
+def find_studies(source_name: str, query: dict[str, Any]) -> dict[str, Any]:
+    """Study C-FIND for the API; the answer holds patient identifiers, so nothing is logged."""
+    source = config.sources.get(source_name)
+    if source is None:
+        return {"ok": False, "error_kind": "config", "error": f"unknown source {source_name!r}"}
+    try:
+        found = dicom_find_studies(source, StudyQuery.model_validate(query))
+    except RetrieveError as exc:
+        return {"ok": False, "error_kind": exc.kind.value, "error": exc.message}
+    return {"ok": True, "result": found.model_dump(mode="json")}
