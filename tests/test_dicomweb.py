@@ -4,6 +4,7 @@ DICOMweb plugin (with and without HTTP authentication)."""
 from __future__ import annotations
 
 import http.server
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -197,3 +198,16 @@ def test_gateway_down_is_a_retryable_connection_error(config_factory: Callable[.
         run(config, JobRequest(source="web", study_uid="1.2.3", store="local", transport="dicomweb"))
     assert info.value.kind == "connection" and info.value.retryable
     assert "cannot reach" in info.value.message
+
+
+def test_silent_gateway_is_a_timeout(config_factory: Callable[..., Config]) -> None:
+    server = socket.create_server(("127.0.0.1", 0))  # accepts (backlog), never answers
+    try:
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/dicom-web"
+        config = config_factory(extra_sources={"web": web_source(url, timeout=1)})
+        with pytest.raises(RetrieveError) as info:
+            run(config, JobRequest(source="web", study_uid="1.2.3", store="local",
+                                   transport="dicomweb"))
+    finally:
+        server.close()
+    assert info.value.kind == "timeout" and info.value.retryable
