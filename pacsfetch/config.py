@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 
 from pydantic import (
     AfterValidator,
@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from pacsfetch.uids import check_ae_title, check_uid
@@ -31,6 +32,11 @@ DEFAULT_CONFIG_PATH = Path("pacsfetch.toml")
 
 AETitle = Annotated[str, AfterValidator(check_ae_title)]
 TransferSyntaxUID = Annotated[str, AfterValidator(lambda v: check_uid(v, "transfer syntax UID"))]
+DicomwebTransferSyntax = Annotated[
+    str, AfterValidator(lambda v: v if v == "*" else check_uid(v, "transfer syntax UID"))
+]
+EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+"""The *name* of an environment variable: secrets stay in the environment, never in the file."""
 
 
 class ConfigError(Exception):
@@ -77,6 +83,30 @@ class SourceConfig(_Section):
         description="Transfer syntaxes proposed for storage contexts when the PACS does not "
         "say which ones a study holds; default: the common uncompressed and compressed ones.",
     )
+    dicomweb_username: str | None = Field(
+        None, min_length=1, description="HTTP basic-auth user for dicomweb_url."
+    )
+    dicomweb_password_env: EnvName | None = Field(
+        None, description="Name of the environment variable holding the basic-auth password."
+    )
+    dicomweb_token_env: EnvName | None = Field(
+        None, description="Name of the environment variable holding a bearer token."
+    )
+    dicomweb_transfer_syntax: DicomwebTransferSyntax = Field(
+        "*", description="transfer-syntax asked of WADO-RS; '*' means as stored (no transcoding)."
+    )
+    max_results: int = Field(
+        0, ge=0, description="C-FIND result count at which this PACS caps its answers "
+        "(e.g. Orthanc's LimitFindResults); queries reaching it are split. 0: no cap.",
+    )
+
+    @model_validator(mode="after")
+    def _one_dicomweb_auth(self) -> Self:
+        if self.dicomweb_token_env and self.dicomweb_username:
+            raise ValueError("dicomweb_token_env and dicomweb_username exclude each other")
+        if bool(self.dicomweb_username) != bool(self.dicomweb_password_env):
+            raise ValueError("dicomweb_username and dicomweb_password_env go together")
+        return self
 
     @field_validator("transports")
     @classmethod
@@ -114,6 +144,9 @@ class ApiConfig(_Section):
         "as a bearer token.",
     )
     echo_timeout: float = Field(15.0, gt=0)
+    query_timeout: float = Field(
+        60.0, gt=0, description="Seconds the API waits for a worker to answer a C-FIND query."
+    )
 
 
 class WorkerConfig(_Section):

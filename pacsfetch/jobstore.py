@@ -8,7 +8,7 @@ survives a Redis restart too.
 Layout (``P`` is the key prefix, ``pacsfetch`` by default):
 
 - ``P:job:ID`` hash: ``request`` (JSON), ``status``, timestamps, ``p_*`` progress counters,
-  ``transport``, ``attempts``, ``error``, ``error_kind``, ``cancel``;
+  ``transport``, ``transport_notes`` (JSON), ``attempts``, ``error``, ``error_kind``, ``cancel``;
 - ``P:jobs:all`` and ``P:jobs:status:S`` sorted sets of job ids scored by creation time;
 - ``P:job:ID:instances`` hash SOP Instance UID -> where the stores put it (the record of what
   a job wrote, also what a retried job skips);
@@ -22,8 +22,16 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
 import redis
+from pydantic import TypeAdapter
 
-from pacsfetch.models import FINAL_STATUSES, JobRecord, JobRequest, JobStatus, Progress
+from pacsfetch.models import (
+    FINAL_STATUSES,
+    JobRecord,
+    JobRequest,
+    JobStatus,
+    Progress,
+    TransportNote,
+)
 
 PROGRESS_FIELDS = ("completed", "failed", "warning", "remaining", "skipped", "bytes")
 
@@ -64,6 +72,12 @@ return 0
 """
 
 _DELETE_FIELD = "\0"
+_NOTES = TypeAdapter(list[TransportNote])
+
+
+def encode_notes(notes: Iterable[TransportNote]) -> str:
+    """The ``transport_notes`` field as the job hash stores it (JSON)."""
+    return _NOTES.dump_json(list(notes)).decode()
 
 
 def _now() -> datetime:
@@ -178,6 +192,7 @@ class JobStore:
             started_at=_opt_time(data.get("started_at")),
             finished_at=_opt_time(data.get("finished_at")),
             transport=data.get("transport") or None,
+            transport_notes=_NOTES.validate_json(data.get("transport_notes") or "[]"),
             attempts=int(data.get("attempts", 0)),
             error=data.get("error") or None,
             error_kind=data.get("error_kind") or None,

@@ -89,6 +89,14 @@ class Progress(BaseModel):
     bytes: int = 0
 
 
+class TransportNote(BaseModel):
+    """Why a transport of an ``auto`` job gave way to the next one in the source's list."""
+
+    transport: str
+    error_kind: str
+    error: str
+
+
 class JobRecord(BaseModel):
     """A job as the API shows it."""
 
@@ -100,6 +108,11 @@ class JobRecord(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     transport: str | None = Field(None, description="The transport that ran (last) attempt.")
+    transport_notes: list[TransportNote] = Field(
+        default_factory=list,
+        description="With transport `auto`: each transport that was tried before `transport` "
+        "and why it did not do (all of) the job.",
+    )
     attempts: int = 0
     error: str | None = Field(None, description="Why the job failed or is partial, for operators.")
     error_kind: str | None = Field(None, description="Machine-readable class of `error`.")

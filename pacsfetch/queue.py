@@ -18,6 +18,7 @@ from pacsfetch.config import Config
 
 RETRIEVE_TASK = "pacsfetch.retrieve"
 ECHO_TASK = "pacsfetch.echo"
+FIND_STUDIES_TASK = "pacsfetch.find_studies"
 QUEUE = "pacsfetch"
 PRIORITY_LEVELS = 10
 

@@ -191,13 +191,17 @@ class Orthanc(_Peer):
     cannot bind to loopback only: its HTTP server refuses remote clients instead
     (``RemoteAccessAllowed``), and both ports are private. *tcp_nodelay* turns Nagle's
     algorithm off in the DICOM layer (see :data:`_NAGLE_OFF`); Orthanc's HTTP server already
-    sets TCP_NODELAY itself.
+    sets TCP_NODELAY itself. With *users* (name -> password) its HTTP server, DICOMweb
+    included, demands HTTP basic authentication; this class then authenticates as the first.
+    *extra_config* adds or overrides Orthanc options (e.g. ``LimitFindResults``).
     """
 
     def __init__(self, workdir: Path, *, aet: str = "ORTHANC", dicom_port: int | None = None,
                  http_port: int | None = None,
                  modalities: Mapping[str, tuple[str, str, int]] | None = None,
-                 tcp_nodelay: bool = True, dicomweb: bool = True) -> None:
+                 tcp_nodelay: bool = True, dicomweb: bool = True,
+                 users: Mapping[str, str] | None = None,
+                 extra_config: Mapping[str, Any] | None = None) -> None:
         super().__init__(workdir, "orthanc")
         self.aet = aet
         self.dicom_port = dicom_port or free_port()
@@ -207,8 +211,10 @@ class Orthanc(_Peer):
         self._tcp_nodelay = tcp_nodelay
         self._dicomweb = dicomweb
         self._client: httpx.Client | None = None
+        self._users = dict(users or {})
+        self._auth = next(iter(self._users.items()), None)
         self.config_path = self.workdir / "orthanc.json"
-        config = self._config(modalities or {})
+        config = {**self._config(modalities or {}), **(extra_config or {})}
         self.config_path.write_text(json.dumps(config, indent=2))
 
     def _config(self, modalities: Mapping[str, tuple[str, str, int]]) -> dict[str, Any]:
@@ -221,7 +227,8 @@ class Orthanc(_Peer):
             "SyncStorageArea": False,
             "HttpPort": self.http_port,
             "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
+            "AuthenticationEnabled": bool(self._users),
+            "RegisteredUsers": self._users,
             "DicomAet": self.aet,
             "DicomPort": self.dicom_port,
             "DicomCheckCalledAet": False,
@@ -248,7 +255,7 @@ class Orthanc(_Peer):
 
     def _answers(self) -> bool:
         try:
-            plugins = httpx.get(f"{self.http_url}/plugins", timeout=1).json()
+            plugins = httpx.get(f"{self.http_url}/plugins", timeout=1, auth=self._auth).json()
         except (httpx.HTTPError, ValueError):
             return False
         # The HTTP server comes up last; the DICOMweb check catches a plugin that failed to load
@@ -257,7 +264,7 @@ class Orthanc(_Peer):
 
     def start(self) -> None:
         super().start()
-        self._client = httpx.Client(base_url=self.http_url, timeout=60)
+        self._client = httpx.Client(base_url=self.http_url, timeout=60, auth=self._auth)
 
     def stop(self) -> None:
         """Stop Orthanc (a graceful stop takes it about 3 s); :meth:`start` brings it back on

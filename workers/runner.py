@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from pacsfetch.config import Config
 from pacsfetch.errors import ErrorKind, RetrieveError
-from pacsfetch.models import JobRequest, JobStatus, Progress
+from pacsfetch.models import JobRequest, JobStatus, Progress, TransportNote
 from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, StoreSession, Transport
 from pacsfetch.plugins.registry import Registry
 from pacsfetch.workers.pipeline import InstancePipeline
@@ -27,9 +27,12 @@ log = logging.getLogger(__name__)
 
 FALLBACK_KINDS = frozenset(
     {ErrorKind.NEGOTIATION, ErrorKind.ASSOCIATION_REJECTED, ErrorKind.PEER_STATUS,
-     ErrorKind.TRANSFER_SYNTAX}
+     ErrorKind.TRANSFER_SYNTAX, ErrorKind.MOVE_DESTINATION, ErrorKind.AUTH}
 )
-"""Failures another transport may not suffer from: with ``auto``, try the next one."""
+"""Failures another transport may not suffer from: with ``auto``, try the next one (C-GET
+refused -> C-MOVE; move destination unknown -> DICOMweb; gateway credentials -> DIMSE).
+A transport that raised one, or returned with instances missing for one, gives way; the
+next starts from what the job has stored so far."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Outcome:
     transport: str | None = None
     error: str | None = None
     error_kind: str | None = None
+    transport_notes: tuple[TransportNote, ...] = ()
 
 
 @contextmanager
@@ -94,58 +98,83 @@ class JobRunner:
                 spool, self.config.worker.progress_interval,
             )
             stack.enter_context(_spool_into(spool))
+            notes: list[TransportNote] = []
             try:
-                result, used, notes = self._try_transports(job_id, request, transports, pipeline)
+                result, used = self._try_transports(job_id, request, transports, pipeline, notes)
             except RetrieveError as exc:
                 if exc.retryable:
                     raise
-                return Outcome(JobStatus.FAILED, pipeline.progress, None, exc.message, exc.kind.value)
+                return Outcome(JobStatus.FAILED, pipeline.progress, None, exc.message,
+                               exc.kind.value, tuple(notes))
             finally:
                 pipeline.flush()
             return self._decide(result, used, notes, pipeline)
 
     def _try_transports(
-        self, job_id: str, request: JobRequest, transports: list[Transport], pipeline: InstancePipeline
-    ) -> tuple[RetrieveResult, str, list[str]]:
-        notes: list[str] = []
+        self, job_id: str, request: JobRequest, transports: list[Transport],
+        pipeline: InstancePipeline, notes: list[TransportNote],
+    ) -> tuple[RetrieveResult, str]:
+        """Run the transports in order until one does the job; *notes* collects why not."""
         source = self.config.sources[request.source]
         for position, transport in enumerate(transports):
+            may_fall_back = request.transport == "auto" and position < len(transports) - 1
             ctx = RetrieveContext(
                 job_id=job_id, request=request, source_name=request.source, source=source,
                 sink=pipeline, progress=pipeline, already_stored=frozenset(pipeline.stored),
             )
             try:
-                return transport.retrieve(ctx), transport.name, notes
+                result = transport.retrieve(ctx)
             except RetrieveError as exc:
-                last = position == len(transports) - 1
-                if request.transport != "auto" or last or exc.kind not in FALLBACK_KINDS:
+                if not may_fall_back or exc.kind not in FALLBACK_KINDS:
                     if notes:
-                        exc.message = "; ".join([*notes, f"{transport.name}: {exc.message}"])
+                        exc.message = "; ".join(
+                            [*(f"{n.transport}: {n.error}" for n in notes),
+                             f"{transport.name}: {exc.message}"])
                     raise
-                notes.append(f"{transport.name}: {exc.message}")
-                log.warning("transport failed, trying the next", extra={
-                    "job_id": job_id, "transport": transport.name, "error_kind": exc.kind.value})
-        raise AssertionError("unreachable: the last transport re-raises")
+                note = TransportNote(transport=transport.name, error_kind=exc.kind.value,
+                                     error=exc.message)
+            else:
+                if not (may_fall_back and self._gave_up(result, pipeline)):
+                    return result, transport.name
+                note = TransportNote(transport=transport.name,
+                                     error_kind=result.problem_kind or ErrorKind.PEER_STATUS.value,
+                                     error="; ".join(result.problems))
+            notes.append(note)
+            log.warning("transport failed, trying the next", extra={
+                "job_id": job_id, "transport": transport.name, "error_kind": note.error_kind,
+                "stored": len(pipeline.stored)})
+        raise AssertionError("unreachable: the last transport returns or re-raises")
+
+    @staticmethod
+    def _gave_up(result: RetrieveResult, pipeline: InstancePipeline) -> bool:
+        """Instances are missing for a reason another transport may not share."""
+        if result.cancelled or result.problem_kind not in FALLBACK_KINDS:
+            return False
+        return result.expected is None or not result.expected <= set(pipeline.stored)
 
     def _decide(
-        self, result: RetrieveResult, used: str, notes: list[str], pipeline: InstancePipeline
+        self, result: RetrieveResult, used: str, notes: list[TransportNote],
+        pipeline: InstancePipeline,
     ) -> Outcome:
         progress = pipeline.progress
         problems = [text for _, text in pipeline.problems()] + result.problems
         kind = result.problem_kind or next((k.value for k, _ in pipeline.problems()), None)
         if result.cancelled:
-            return Outcome(JobStatus.CANCELLED, progress, used, "cancelled by request", "cancelled")
+            return Outcome(JobStatus.CANCELLED, progress, used, "cancelled by request",
+                           "cancelled", tuple(notes))
         stored = set(pipeline.stored)
         expected = result.expected if result.expected is not None else stored
         missing = expected - stored
         explained_failures = pipeline.refused + pipeline.invalid  # extras we refused ourselves
         if not missing and result.peer_failed <= explained_failures and not pipeline.store_failures:
-            return Outcome(JobStatus.SUCCEEDED, progress, used)
+            return Outcome(JobStatus.SUCCEEDED, progress, used, transport_notes=tuple(notes))
         summary = f"{len(missing)} of {len(expected)} instance(s) not stored"
-        text = "; ".join([summary, *notes, *problems]) if problems or notes else (
+        earlier = [f"{n.transport}: {n.error}" for n in notes]
+        text = "; ".join([summary, *earlier, *problems]) if problems or notes else (
             summary + ": the PACS did not send them")
         status = JobStatus.PARTIAL if stored & expected else JobStatus.FAILED
-        return Outcome(status, progress, used, text, kind or ErrorKind.PEER_STATUS.value)
+        return Outcome(status, progress, used, text, kind or ErrorKind.PEER_STATUS.value,
+                       tuple(notes))
 
     @staticmethod
     def _config_failure(message: str) -> Outcome:

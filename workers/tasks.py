@@ -18,10 +18,12 @@ from typing import Any
 from celery import Task
 
 from pacsfetch.errors import RetrieveError
-from pacsfetch.jobstore import JobNotFound, JobStore
+from pacsfetch.jobstore import JobNotFound, JobStore, encode_notes
 from pacsfetch.models import FINAL_STATUSES, JobStatus
 from pacsfetch.plugins.dimse import echo as dicom_echo
-from pacsfetch.queue import ECHO_TASK, RETRIEVE_TASK, redis_priority
+from pacsfetch.plugins.find import find_studies as dicom_find_studies
+from pacsfetch.queue import ECHO_TASK, FIND_STUDIES_TASK, RETRIEVE_TASK, redis_priority
+from pacsfetch.studyquery import StudyQuery
 from pacsfetch.workers.celery_app import app, config, registry, store_settings
 from pacsfetch.workers.runner import JobRunner, Outcome
 from pacsfetch.workers.state import RedisJobState
@@ -107,7 +109,7 @@ def retrieve(self: Task, job_id: str) -> None:
 def _attempt(task: Task, store: JobStore, job_id: str) -> None:
     changed, previous = store.transition(
         job_id, JobStatus.RUNNING, allowed_from=[JobStatus.QUEUED, JobStatus.RUNNING],
-        error=None, error_kind=None,
+        error=None, error_kind=None, transport_notes=None,
     )
     if not changed:
         log.info("job no longer runnable", extra={"job_id": job_id, "status": str(previous)})
@@ -148,6 +150,8 @@ def _finish(store: JobStore, job_id: str, outcome: Outcome) -> None:
     fields: dict[str, Any] = {"error": outcome.error, "error_kind": outcome.error_kind}
     if outcome.transport:
         fields["transport"] = outcome.transport
+    if outcome.transport_notes:
+        fields["transport_notes"] = encode_notes(outcome.transport_notes)
     store.transition(job_id, outcome.status, allowed_from=[JobStatus.RUNNING], **fields)
     job = store.get(job_id)
     log.info("job finished", extra={
@@ -164,3 +168,16 @@ def echo(source_name: str) -> dict[str, Any]:
         return {"ok": False, "message": f"unknown source {source_name!r}", "elapsed_ms": 0.0}
     result = dicom_echo(source)
     return {"ok": result.ok, "message": result.message, "elapsed_ms": round(result.elapsed_ms, 1)}
+
+
+@app.task(name=FIND_STUDIES_TASK, ignore_result=False, acks_late=False)
+def find_studies(source_name: str, query: dict[str, Any]) -> dict[str, Any]:
+    """Study C-FIND for the API; the answer holds patient identifiers, so nothing is logged."""
+    source = config.sources.get(source_name)
+    if source is None:
+        return {"ok": False, "error_kind": "config", "error": f"unknown source {source_name!r}"}
+    try:
+        found = dicom_find_studies(source, StudyQuery.model_validate(query))
+    except RetrieveError as exc:
+        return {"ok": False, "error_kind": exc.kind.value, "error": exc.message}
+    return {"ok": True, "result": found.model_dump(mode="json")}
