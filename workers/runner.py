@@ -114,6 +114,7 @@ class JobRunner:
                 job_id=job_id, request=request, source_name=request.source, source=source,
                 sink=pipeline, progress=pipeline, already_stored=frozenset(pipeline.stored),
             )
+            pipeline.use_transport(transport.name)
             try:
                 return transport.retrieve(ctx), transport.name, notes
             except RetrieveError as exc:
