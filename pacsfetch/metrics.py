@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from pathlib import Path
 
 from prometheus_client import (
     REGISTRY,
@@ -28,6 +29,7 @@ from prometheus_client import (
     multiprocess,
     start_http_server,
 )
+from prometheus_client.metrics_core import Metric
 
 from pacsfetch.config import ConfigError, MetricsConfig
 from pacsfetch.metrics_dir import MULTIPROC_ENV
@@ -177,12 +179,37 @@ def forget_process(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
+class _LiveProcessCollector(multiprocess.MultiProcessCollector):
+    """Sums the processes' files, first dropping live gauges of processes that are gone.
+
+    A pool child killed outright (the OOM killer, SIGKILL) never runs Celery's shutdown
+    signal, so its in-flight jobs and open associations would otherwise count forever.
+    """
+
+    def collect(self) -> Iterable[Metric]:
+        for path in Path(os.environ[MULTIPROC_ENV]).glob("gauge_live*_*.db"):
+            pid = path.stem.rpartition("_")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                multiprocess.mark_process_dead(int(pid))
+        return super().collect()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def serving_registry() -> CollectorRegistry:
     """What a metrics port serves: the sum over all processes in multiprocess mode."""
     if not multiprocess_enabled():
         return REGISTRY
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)
+    _LiveProcessCollector(registry)
     return registry
 
 

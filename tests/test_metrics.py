@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -210,6 +211,34 @@ def test_prometheus_server_scrapes_worker_and_api(deployment: Deployment,
         quantile = prometheus.query(
             "histogram_quantile(0.5, sum by (le) (pacsfetch_job_duration_seconds_bucket))")
         assert float(quantile[0]["value"][1]) > 0
+
+
+def test_a_killed_pool_process_stops_counting_as_in_flight(
+    redis_url: str, tmp_path: Path, orthanc: Orthanc, big_study: SampleStudy,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    """SIGKILL skips Celery's shutdown signal; the worker still drops the dead child's gauges."""
+    config = make_config(redis_url=redis_url, store_root=tmp_path / "store", orthanc=orthanc)
+    worker = start_worker(config)
+    url = f"http://127.0.0.1:{config['metrics']['worker_port']}/metrics"
+    client = TestClient(create_app(parse_config(config)))
+    job_id = client.post("/jobs", json={"source": "orthanc", "study_uid": big_study.study_uid,
+                                        "store": "local"}).json()["id"]
+    wait_for(lambda: value(scrape(url), "pacsfetch_instances_stored_total") >= 20, 60, 0.05,
+             "the job to be under way")
+    samples = scrape(url)
+    assert value(samples, "pacsfetch_jobs_in_flight", source="orthanc") == 1
+    assert value(samples, "pacsfetch_associations_open", source="orthanc") == 1
+    (child,) = worker.children()
+    os.kill(child, signal.SIGKILL)
+    wait_for(lambda: client.get(f"/jobs/{job_id}").json()["status"] == "succeeded", 120, 0.2,
+             "the redelivered job to succeed")
+    samples = scrape(url)
+    assert value(samples, "pacsfetch_jobs_in_flight", source="orthanc") == 0
+    assert value(samples, "pacsfetch_associations_open", source="orthanc") == 0
+    assert value(samples, "pacsfetch_jobs_finished_total", status="succeeded") == 1
+    # Counters of the dead child are kept: instances it stored stay counted.
+    assert value(samples, "pacsfetch_instances_stored_total") >= len(big_study.instances)
 
 
 def test_queue_depth_per_priority_list(redis_url: str, tmp_path: Path,
