@@ -27,8 +27,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from pacsfetch.api.app import create_app
-from pacsfetch.config import ConfigError, parse_config
-from pacsfetch.metrics import metric_names
+from pacsfetch.config import ConfigError, MetricsConfig, parse_config
+from pacsfetch.metrics import metric_names, serve_receiver_metrics
 from pacsfetch.metrics_dir import prepare_multiprocess_dir
 from pacsfetch.sandbox.peers import Orthanc, Prometheus, RedisServer, free_port
 from pacsfetch.sandbox.samples import SampleStudy
@@ -239,6 +239,36 @@ def test_a_killed_pool_process_stops_counting_as_in_flight(
     assert value(samples, "pacsfetch_jobs_finished_total", status="succeeded") == 1
     # Counters of the dead child are kept: instances it stored stay counted.
     assert value(samples, "pacsfetch_instances_stored_total") >= len(big_study.instances)
+
+
+def test_retries_and_the_final_failure_are_counted_by_reason(
+    redis_url: str, tmp_path: Path, start_worker: Callable[..., WorkerProcess],
+) -> None:
+    config = make_config(redis_url=redis_url, store_root=tmp_path / "store", extra_sources={
+        "down": {"ae_title": "DOWN", "host": "127.0.0.1", "port": free_port(), "timeout": 2}})
+    start_worker(config)
+    client = TestClient(create_app(parse_config(config)))
+    job_id = client.post("/jobs", json={"source": "down", "study_uid": "1.2.3",
+                                        "store": "local"}).json()["id"]
+    wait_for(lambda: client.get(f"/jobs/{job_id}").json()["status"] == "failed", 60, 0.2,
+             "the job to give up")
+    samples = scrape(f"http://127.0.0.1:{config['metrics']['worker_port']}/metrics")
+    assert value(samples, "pacsfetch_job_retries_total", source="down",
+                 error_kind="connection") == 2  # worker.max_retries
+    assert value(samples, "pacsfetch_job_attempts_total", source="down") == 3
+    assert value(samples, "pacsfetch_job_failures_total", source="down",
+                 error_kind="connection") == 1
+    assert value(samples, "pacsfetch_associations_opened_total") == 0
+
+
+def test_receiver_metrics_start_with_one_call() -> None:
+    """In this test process (no multiprocess mode), as a single-process receiver runs it."""
+    settings = MetricsConfig(bind="127.0.0.1", receiver_port=free_port())
+    serve_receiver_metrics(settings)  # a daemon thread; it ends with the test session
+    text = httpx.get(f"http://127.0.0.1:{settings.receiver_port}/metrics", timeout=10).text
+    assert "# TYPE pacsfetch_instances_received_total counter" in text
+    with pytest.raises(ConfigError, match=r"^metrics\.receiver_port: cannot serve metrics"):
+        serve_receiver_metrics(settings)
 
 
 def test_queue_depth_per_priority_list(redis_url: str, tmp_path: Path,
