@@ -222,7 +222,8 @@ def serve(port: int, bind: str, key: str) -> None:
     try:
         start_http_server(port, addr=bind, registry=serving_registry())
     except OSError as exc:
-        raise ConfigError(f"{key}: cannot serve metrics on {bind}:{port}: {exc.strerror or exc}") from None
+        reason = exc.strerror or str(exc)
+        raise ConfigError(f"{key}: cannot serve metrics on {bind}:{port}: {reason}") from None
 
 
 def serve_worker_metrics(config: MetricsConfig) -> None:

@@ -97,7 +97,8 @@ class _AssociationMeter:
         self._opened_at = None
         ASSOCIATIONS_OPEN.labels(self._source).dec()
         if elapsed > 0:
-            ASSOCIATION_THROUGHPUT.labels(self._source, self._service).observe(self._received / elapsed)
+            throughput = self._received / elapsed
+            ASSOCIATION_THROUGHPUT.labels(self._source, self._service).observe(throughput)
 
 
 def make_ae(source: SourceConfig) -> AE:

@@ -30,7 +30,8 @@ def pacsfetch_job_started(job: JobRecord, attempt: int) -> None:
     JOB_ATTEMPTS.labels(source).inc()
     # Later attempts restart the clock: only the first start measures the wait in the queue.
     if attempt == 1 and job.started_at is not None:
-        JOB_QUEUED.labels(source).observe(max(0.0, (job.started_at - job.created_at).total_seconds()))
+        waited = (job.started_at - job.created_at).total_seconds()
+        JOB_QUEUED.labels(source).observe(max(0.0, waited))
 
 
 @hookimpl

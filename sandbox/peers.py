@@ -461,7 +461,8 @@ class Prometheus(_Peer):
         super().__init__(workdir, "prometheus")
         self.port = port or free_port()
         self.url = f"http://{LOOPBACK}:{self.port}"
-        self._targets = {job: [self._loopback_target(t) for t in addrs] for job, addrs in targets.items()}
+        self._targets = {job: [self._loopback_target(address) for address in addresses]
+                         for job, addresses in targets.items()}
         self._interval = scrape_interval
 
     @staticmethod

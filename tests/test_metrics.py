@@ -89,7 +89,8 @@ def deployment(redis_server: RedisServer, orthanc: Orthanc, mixed_study: SampleS
     api_port = free_port()
     with (workdir / "api.log").open("wb") as api_log:
         api = subprocess.Popen(
-            [sys.executable, "-m", "pacsfetch", "api", "--host", "127.0.0.1", "--port", str(api_port)],
+            [sys.executable, "-m", "pacsfetch", "api", "--host", "127.0.0.1",
+             "--port", str(api_port)],
             env={**os.environ, "PACSFETCH_CONFIG": str(path)}, stdout=api_log,
             stderr=subprocess.STDOUT, start_new_session=True)
     api_url = f"http://127.0.0.1:{api_port}"
