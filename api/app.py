@@ -6,7 +6,7 @@ from fastapi import Depends, FastAPI, status
 from fastapi.responses import JSONResponse
 
 from pacsfetch import __version__
-from pacsfetch.api import jobs, sources
+from pacsfetch.api import jobs, metrics, sources
 from pacsfetch.api.auth import TOKEN_ENV, api_token, require_token
 from pacsfetch.api.schemas import Health
 from pacsfetch.config import Config, ConfigError, load_config
@@ -29,9 +29,11 @@ def create_app(config: Config | None = None) -> FastAPI:
     app.state.token = token
     app.state.jobstore = JobStore.from_url(config.broker.url)
     app.state.celery = make_celery(config)
+    app.state.metrics = metrics.build_registry(config.broker.url, app.state.jobstore)
     protected = [Depends(require_token)]
     app.include_router(jobs.router, dependencies=protected)
     app.include_router(sources.router, dependencies=protected)
+    app.include_router(metrics.router)  # no token, like /healthz: see api/metrics.py
 
     @app.get("/healthz", response_model=Health, tags=["health"],
              responses={503: {"model": Health, "description": "Redis is unreachable."}})

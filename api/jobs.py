@@ -13,6 +13,7 @@ from pacsfetch.api.deps import get_celery, get_config, get_jobstore
 from pacsfetch.api.schemas import InstancePage, JobAccepted, JobPage, StoredInstance
 from pacsfetch.config import Config
 from pacsfetch.jobstore import JobNotFound, JobStore
+from pacsfetch.metrics import JOBS_SUBMITTED
 from pacsfetch.models import JobRecord, JobRequest, JobStatus
 from pacsfetch.queue import enqueue_retrieve
 
@@ -62,6 +63,7 @@ def submit_job(request: JobRequest, response: Response, config: ConfigDep, store
         store.transition(record.id, JobStatus.FAILED, error=f"could not enqueue: {exc}",
                          error_kind="queue")
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the queue is unavailable") from None
+    JOBS_SUBMITTED.labels(request.source, request.transport, request.store).inc()
     response.headers["Location"] = f"/jobs/{record.id}"
     return JobAccepted(id=record.id, status=record.status)
 

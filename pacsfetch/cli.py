@@ -131,13 +131,25 @@ def api(host: str, port: int) -> None:
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Celery node name (default pacsfetch-<random>@host).")
 def worker(concurrency: int | None, loglevel: str, hostname: str | None) -> None:
-    """Run a Celery worker that executes queued retrieve jobs."""
-    _load()
+    """Run a Celery worker that executes queued retrieve jobs.
+
+    Its metrics (summed over the pool's processes) are served on ``[metrics] worker_port``.
+    """
+    if _load().metrics.enabled:
+        from pacsfetch.metrics_dir import prepare_multiprocess_dir
+
+        prepare_multiprocess_dir()  # before anything imports prometheus_client
     try:
         from pacsfetch.workers.celery_app import app, config
     except ConfigError as exc:
         _fail(f"configuration error in {exc}")
+    from pacsfetch.metrics import serve_worker_metrics
     from pacsfetch.queue import QUEUE
+
+    try:
+        serve_worker_metrics(config.metrics)
+    except ConfigError as exc:
+        _fail(f"configuration error: {exc}")
 
     app.worker_main([
         "worker", f"--concurrency={concurrency or config.worker.concurrency}",

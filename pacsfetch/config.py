@@ -163,6 +163,16 @@ class WorkerConfig(_Section):
     progress_interval: float = Field(0.5, gt=0, description="Seconds between progress updates.")
 
 
+class MetricsConfig(_Section):
+    """Prometheus metrics: the API serves them at ``/metrics``, workers and the receiver on
+    ports of their own (a Celery worker has no HTTP server to add a path to)."""
+
+    enabled: bool = Field(True, description="Serve metrics on the worker and receiver ports.")
+    bind: str = Field("0.0.0.0", min_length=1, description="Address the metrics ports listen on.")
+    worker_port: int = Field(9808, ge=1, le=65535)
+    receiver_port: int = Field(9809, ge=1, le=65535)
+
+
 class Config(_Section):
     """The whole configuration file."""
 
@@ -171,6 +181,7 @@ class Config(_Section):
     stores: dict[str, StoreConfig] = Field(default_factory=dict)
     api: ApiConfig = ApiConfig()
     worker: WorkerConfig = WorkerConfig()
+    metrics: MetricsConfig = MetricsConfig()
     path: Path | None = Field(None, exclude=True, description="Where it was loaded from.")
 
 

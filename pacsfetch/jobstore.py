@@ -175,6 +175,13 @@ class JobStore:
         rows = pipe.execute()
         return [self._to_record(i, d) for i, d in zip(ids, rows, strict=True) if d], total
 
+    def count_by_status(self) -> dict[JobStatus, int]:
+        """How many jobs have each status (the per-status indexes' sizes)."""
+        pipe = self._r.pipeline(transaction=False)
+        for status in JobStatus:
+            pipe.zcard(self._status_prefix + status.value)
+        return dict(zip(JobStatus, map(int, pipe.execute()), strict=True))
+
     def _to_record(self, job_id: str, data: Mapping[str, str]) -> JobRecord:
         progress = Progress(
             **{

@@ -21,11 +21,25 @@ ECHO_TASK = "pacsfetch.echo"
 FIND_STUDIES_TASK = "pacsfetch.find_studies"
 QUEUE = "pacsfetch"
 PRIORITY_LEVELS = 10
+QUEUE_SEP = ":"
 
 
 def redis_priority(priority: int) -> int:
     """Map the API's priority (9 most urgent) onto Redis transport priority (0 first)."""
     return PRIORITY_LEVELS - 1 - priority
+
+
+def priority_queue_keys() -> dict[int, str]:
+    """API priority -> the Redis list holding that priority's messages of :data:`QUEUE`.
+
+    kombu's Redis transport keeps one list per priority step: the queue's own name for
+    step 0, ``<queue><sep><step>`` for the others (``sep`` is set below).
+    """
+    keys = {}
+    for priority in range(PRIORITY_LEVELS):
+        step = redis_priority(priority)
+        keys[priority] = QUEUE if step == 0 else f"{QUEUE}{QUEUE_SEP}{step}"
+    return keys
 
 
 def make_celery(config: Config) -> Celery:
@@ -46,7 +60,7 @@ def make_celery(config: Config) -> Celery:
             "visibility_timeout": config.broker.visibility_timeout,
             "queue_order_strategy": "priority",
             "priority_steps": list(range(PRIORITY_LEVELS)),
-            "sep": ":",
+            "sep": QUEUE_SEP,
         },
         task_default_priority=redis_priority(5),
         result_expires=3600,

@@ -21,6 +21,7 @@ from pynetdicom.sop_class import Verification
 
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.metrics import ASSOCIATION_THROUGHPUT, ASSOCIATIONS_OPEN, ASSOCIATIONS_OPENED
 
 # Identifiers can carry patient data: keep them out of pynetdicom's own logs.
 _config.LOG_REQUEST_IDENTIFIERS = False
@@ -64,6 +65,42 @@ class _Watch:
             )
 
 
+class _AssociationMeter:
+    """Counts one association: established, open until its connection closes, and the
+    bytes received meanwhile. Its handlers run on the association's own thread, in order."""
+
+    def __init__(self, source_name: str, service: str) -> None:
+        self._source = source_name
+        self._service = service
+        self._received = 0
+        self._opened_at: float | None = None
+
+    def handlers(self) -> list[Handler]:
+        return [
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_DATA_RECV, self._on_data),
+            (evt.EVT_CONN_CLOSE, self._on_close),
+        ]
+
+    def _on_established(self, event: evt.Event) -> None:
+        self._opened_at = time.monotonic()
+        ASSOCIATIONS_OPENED.labels(self._source, self._service).inc()
+        ASSOCIATIONS_OPEN.labels(self._source).inc()
+
+    def _on_data(self, event: evt.Event) -> None:
+        self._received += len(event.data)  # type: ignore[attr-defined]
+
+    def _on_close(self, event: evt.Event) -> None:
+        if self._opened_at is None:
+            return
+        elapsed = time.monotonic() - self._opened_at
+        self._opened_at = None
+        ASSOCIATIONS_OPEN.labels(self._source).dec()
+        if elapsed > 0:
+            throughput = self._received / elapsed
+            ASSOCIATION_THROUGHPUT.labels(self._source, self._service).observe(throughput)
+
+
 def make_ae(source: SourceConfig) -> AE:
     """An AE set up with the source's calling AE title, timeouts and PDU size."""
     ae = AE(ae_title=source.calling_ae_title)
@@ -82,13 +119,20 @@ def associate(
     ext_neg: Iterable[Any] = (),
     handlers: Iterable[Handler] = (),
     purpose: str = "retrieve",
+    source_name: str = "unnamed",
 ) -> Association:
-    """Open an association or raise a :class:`RetrieveError` an operator can act on."""
+    """Open an association or raise a :class:`RetrieveError` an operator can act on.
+
+    *source_name* (the ``[sources.NAME]`` of *source*) and *purpose* (a DICOM service name
+    such as ``C-GET``) label the association metrics, so both must come from the config or
+    the code, never from the network.
+    """
     if len(contexts) > MAX_PRESENTATION_CONTEXTS:
         raise ValueError(f"{len(contexts)} presentation contexts exceed the limit of 128")
     ae = make_ae(source)
     ae.requested_contexts = list(contexts)
     watch = _Watch()
+    meter = _AssociationMeter(source_name, purpose)
     where = f"{source.ae_title}@{source.host}:{source.port}"
     started = time.monotonic()
     assoc = ae.associate(
@@ -96,7 +140,7 @@ def associate(
         source.port,
         ae_title=source.ae_title,
         ext_neg=list(ext_neg) or None,
-        evt_handlers=[*watch.handlers(), *handlers],
+        evt_handlers=[*watch.handlers(), *meter.handlers(), *handlers],
     )
     if assoc.is_established:
         return assoc
@@ -158,11 +202,12 @@ class EchoResult:
     elapsed_ms: float
 
 
-def echo(source: SourceConfig) -> EchoResult:
+def echo(source: SourceConfig, source_name: str = "unnamed") -> EchoResult:
     """C-ECHO the source; never raises for network trouble, it reports it."""
     started = time.perf_counter()
     try:
-        assoc = associate(source, [build_context(Verification)], purpose="C-ECHO")
+        assoc = associate(source, [build_context(Verification)], purpose="C-ECHO",
+                          source_name=source_name)
     except RetrieveError as exc:
         return EchoResult(False, str(exc), (time.perf_counter() - started) * 1000)
     try:

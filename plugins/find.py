@@ -132,10 +132,11 @@ def _summary(found: Dataset) -> StudySummary | None:
     )
 
 
-def find_studies(source: SourceConfig, query: StudyQuery) -> StudyList:
+def find_studies(source: SourceConfig, query: StudyQuery, source_name: str = "unnamed") -> StudyList:
     """Every study matching *query* (up to ``query.limit``, newest first)."""
     where = f"{source.ae_title}@{source.host}:{source.port}"
-    assoc = associate(source, [build_context(FIND_MODEL)], purpose="C-FIND")
+    assoc = associate(source, [build_context(FIND_MODEL)], purpose="C-FIND",
+                      source_name=source_name)
     try:
         search = _Search(assoc, source, query, where)
         first, last = date_bounds(query.StudyDate) if query.StudyDate else (None, None)

@@ -28,7 +28,7 @@ import httpx
 
 from pacsfetch.sandbox.samples import SampleStudy
 
-__all__ = ["DcmQrScp", "Orthanc", "RedisServer", "StoreScp", "free_port"]
+__all__ = ["DcmQrScp", "Orthanc", "Prometheus", "RedisServer", "StoreScp", "free_port"]
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 30.0
@@ -41,6 +41,7 @@ _DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 _DCMQRSCP = "/usr/bin/dcmqrscp"
 _DCMQRIDX = "/usr/bin/dcmqridx"
 _STORESCP = "/usr/bin/storescp"
+_PROMETHEUS = "/usr/bin/prometheus"
 
 #: Debian builds DCMTK (which also does Orthanc's DICOM networking) with Nagle's algorithm
 #: left on unless this variable says otherwise. Nagle plus delayed ACKs stalls every small
@@ -451,5 +452,53 @@ def _loopback(host: str) -> str:
 def _installed(path: str) -> str:
     if not Path(path).exists():
         raise FileNotFoundError(f"{path} is missing: install Debian's orthanc, orthanc-dicomweb, "
-                                "dcmtk and redis-server (scripts/bootstrap.sh)")
+                                "dcmtk, redis-server and prometheus (scripts/bootstrap.sh)")
     return path
+
+
+class Prometheus(_Peer):
+    """Debian's Prometheus server scraping loopback targets every *scrape_interval*.
+
+    *targets* maps a job name to ``host:port`` addresses (loopback only); each job scrapes
+    ``/metrics``. Its data lives under the work directory and starts empty.
+    """
+
+    def __init__(self, workdir: Path, targets: Mapping[str, Iterable[str]], *,
+                 scrape_interval: str = "1s", port: int | None = None) -> None:
+        super().__init__(workdir, "prometheus")
+        self.port = port or free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self._targets = {job: [self._loopback_target(address) for address in addresses]
+                         for job, addresses in targets.items()}
+        self._interval = scrape_interval
+
+    @staticmethod
+    def _loopback_target(address: str) -> str:
+        host, _, port = address.rpartition(":")
+        return f"{_loopback(host)}:{int(port)}"
+
+    def _command(self) -> list[str]:
+        config = self.workdir / "prometheus.yml"
+        # JSON is YAML: no YAML writer needed.
+        config.write_text(json.dumps({
+            "global": {"scrape_interval": self._interval, "evaluation_interval": self._interval},
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": addrs}]}
+                for job, addrs in self._targets.items()
+            ],
+        }, indent=2))
+        return [_installed(_PROMETHEUS), f"--config.file={config}",
+                f"--storage.tsdb.path={self.workdir / 'data'}",
+                f"--web.listen-address={LOOPBACK}:{self.port}"]
+
+    def _answers(self) -> bool:
+        try:
+            return httpx.get(f"{self.url}/-/ready", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def query(self, expression: str) -> list[dict[str, Any]]:
+        """An instant query; the ``result`` list of the HTTP API's answer."""
+        reply = httpx.get(f"{self.url}/api/v1/query", params={"query": expression}, timeout=10)
+        reply.raise_for_status()
+        return list(reply.json()["data"]["result"])

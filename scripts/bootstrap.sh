@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Install what pacsfetch needs on a Debian machine with Python 3.11+: the real peers the
-# demo and the tests run (Orthanc with its DICOMweb plugin, DCMTK, Redis) and, in .venv,
-# the package with its test extras. Safe to run again; it installs only what is missing.
+# demo and the tests run (Orthanc with its DICOMweb plugin, DCMTK, Redis, Prometheus) and,
+# in .venv, the package with its test extras. Safe to run again; it installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(orthanc orthanc-dicomweb dcmtk redis-server procps)
+packages=(orthanc orthanc-dicomweb dcmtk redis-server procps prometheus)
 python3 -m venv --help >/dev/null 2>&1 && python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
 missing=()
 for pkg in "${packages[@]}"; do

@@ -16,15 +16,20 @@ from typing import Any
 
 import tomli_w
 
-from pacsfetch.sandbox.peers import Orthanc
+from pacsfetch.sandbox.peers import Orthanc, free_port
 
 CALLING_AE = "PACSFETCH"
 
 
 def make_config(*, redis_url: str, store_root: Path, orthanc: Orthanc | None = None,
                 extra_sources: dict[str, dict[str, Any]] | None = None,
-                worker: dict[str, Any] | None = None, fsync: bool = True) -> dict[str, Any]:
-    """A config as the TOML file would hold it (a dict), for parse_config or write_toml."""
+                worker: dict[str, Any] | None = None, fsync: bool = True,
+                metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A config as the TOML file would hold it (a dict), for parse_config or write_toml.
+
+    Metrics listen on loopback ports free at the time, so several workers (and colleagues'
+    test runs) never collide on the default ports.
+    """
     sources: dict[str, dict[str, Any]] = {}
     if orthanc is not None:
         sources["orthanc"] = {"ae_title": orthanc.aet, "host": "127.0.0.1",
@@ -37,6 +42,8 @@ def make_config(*, redis_url: str, store_root: Path, orthanc: Orthanc | None = N
         "stores": {"local": {"plugin": "filesystem", "root": str(store_root), "fsync": fsync}},
         "worker": {"max_retries": 2, "retry_backoff": 0.2, "lease_seconds": 6,
                    "progress_interval": 0.1, **(worker or {})},
+        "metrics": {"bind": "127.0.0.1", "worker_port": free_port(), "receiver_port": free_port(),
+                    **(metrics or {})},
     }
 
 

@@ -6,8 +6,11 @@ plugin stops the worker before it takes any job, with a message naming the key.
 
 from __future__ import annotations
 
+from celery.signals import worker_process_shutdown
+
 from pacsfetch.config import load_config
 from pacsfetch.logs import configure_logging
+from pacsfetch.metrics import forget_process
 from pacsfetch.plugins.registry import get_registry
 from pacsfetch.queue import make_celery
 
@@ -16,6 +19,13 @@ registry = get_registry()
 store_settings = registry.check_config(config)
 configure_logging()
 app = make_celery(config)
+
+
+@worker_process_shutdown.connect
+def _forget_metrics_of_exiting_child(pid: int, **_: object) -> None:
+    """A pool child that exits must not keep adding its live gauges to the worker's sum."""
+    forget_process(pid)
+
 
 # Register the tasks on this app.
 from pacsfetch.workers import tasks  # noqa: E402,F401

@@ -17,6 +17,7 @@ from pathlib import Path
 import pluggy
 
 from pacsfetch.errors import ErrorKind
+from pacsfetch.metrics import NO_TRANSPORT, InstanceMeter
 from pacsfetch.models import JobRequest, Level, Progress
 from pacsfetch.plugins.contracts import IncomingInstance, InstanceIdentity, StoreSession, Verdict
 from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
@@ -62,6 +63,11 @@ class InstancePipeline:
         self.duplicates = 0
         self.store_failures = 0
         self.last_store_error: str | None = None
+        self._meter = InstanceMeter(NO_TRANSPORT, request.source, sessions)
+
+    def use_transport(self, name: str) -> None:
+        """Count what arrives from now on under transport *name* (the runner's current one)."""
+        self._meter = InstanceMeter(name, self._request.source, self._sessions)
 
     # InstanceSink -----------------------------------------------------------
     @property
@@ -75,6 +81,17 @@ class InstancePipeline:
             path.unlink(missing_ok=True)
 
     def _accept(self, path: Path, sop_class_uid: str, sop_instance_uid: str) -> Verdict:
+        size = path.stat().st_size
+        self._meter.received(size)
+        verdict = self._check_and_store(path, size, sop_class_uid, sop_instance_uid)
+        if verdict is Verdict.STORED:
+            self._meter.stored(size)
+        elif verdict is not Verdict.DUPLICATE:
+            self._meter.refused(verdict.value)
+        return verdict
+
+    def _check_and_store(self, path: Path, size: int, sop_class_uid: str,
+                         sop_instance_uid: str) -> Verdict:
         try:
             identity = read_identity(path)
         except UnreadableInstance as exc:
@@ -93,7 +110,7 @@ class InstancePipeline:
         if identity.sop_instance_uid in self.stored:
             self.duplicates += 1
             return Verdict.DUPLICATE
-        instance = IncomingInstance(identity, path, path.stat().st_size)
+        instance = IncomingInstance(identity, path, size)
         locations = self._store(instance)
         if locations is None:
             return Verdict.STORE_FAILED

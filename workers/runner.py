@@ -122,6 +122,7 @@ class JobRunner:
                 job_id=job_id, request=request, source_name=request.source, source=source,
                 sink=pipeline, progress=pipeline, already_stored=frozenset(pipeline.stored),
             )
+            pipeline.use_transport(transport.name)
             try:
                 result = transport.retrieve(ctx)
             except RetrieveError as exc:

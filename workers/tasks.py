@@ -19,6 +19,7 @@ from celery import Task
 
 from pacsfetch.errors import RetrieveError
 from pacsfetch.jobstore import JobNotFound, JobStore, encode_notes
+from pacsfetch.metrics import JOB_RETRIES, JOBS_IN_FLIGHT
 from pacsfetch.models import FINAL_STATUSES, JobStatus
 from pacsfetch.plugins.dimse import echo as dicom_echo
 from pacsfetch.plugins.find import find_studies as dicom_find_studies
@@ -121,10 +122,12 @@ def _attempt(task: Task, store: JobStore, job_id: str) -> None:
     log.info("job started", extra={"job_id": job_id, "attempt": attempt, "source": job.request.source})
     runner = JobRunner(config, registry, store_settings)
     try:
-        outcome = runner.run(job_id, job.request, RedisJobState(store, job_id))
+        with JOBS_IN_FLIGHT.labels(job.request.source).track_inprogress():
+            outcome = runner.run(job_id, job.request, RedisJobState(store, job_id))
     except RetrieveError as exc:
         retries = task.request.retries
         if retries < config.worker.max_retries:  # the runner raises only retryable errors
+            JOB_RETRIES.labels(job.request.source, exc.kind.value).inc()
             countdown = config.worker.retry_backoff * (2**retries)
             store.transition(
                 job_id, JobStatus.QUEUED, allowed_from=[JobStatus.RUNNING],
@@ -166,7 +169,7 @@ def echo(source_name: str) -> dict[str, Any]:
     source = config.sources.get(source_name)
     if source is None:
         return {"ok": False, "message": f"unknown source {source_name!r}", "elapsed_ms": 0.0}
-    result = dicom_echo(source)
+    result = dicom_echo(source, source_name)
     return {"ok": result.ok, "message": result.message, "elapsed_ms": round(result.elapsed_ms, 1)}
 
 
@@ -177,7 +180,7 @@ def find_studies(source_name: str, query: dict[str, Any]) -> dict[str, Any]:
     if source is None:
         return {"ok": False, "error_kind": "config", "error": f"unknown source {source_name!r}"}
     try:
-        found = dicom_find_studies(source, StudyQuery.model_validate(query))
+        found = dicom_find_studies(source, StudyQuery.model_validate(query), source_name)
     except RetrieveError as exc:
         return {"ok": False, "error_kind": exc.kind.value, "error": exc.message}
     return {"ok": True, "result": found.model_dump(mode="json")}

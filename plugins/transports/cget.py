@@ -401,6 +401,7 @@ def _tentative_round(
         ext_neg=[build_role(c, scp_role=True) for c in classes],
         handlers=[(evt.EVT_C_STORE, handler)],
         purpose="C-GET",
+        source_name=ctx.source_name,
     )
     try:
         _require_get_model(assoc, where, source.calling_ae_title)
@@ -439,7 +440,7 @@ class CGetTransport:
             roles = [build_role(c, scp_role=True) for c in sorted({c for c, _ in plan.contexts})]
             assoc = associate(
                 source, contexts, ext_neg=roles, handlers=[(evt.EVT_C_STORE, handler)],
-                purpose="C-GET",
+                purpose="C-GET", source_name=ctx.source_name,
             )
             try:
                 _check_negotiation(assoc, plan, counters, where, source.calling_ae_title)

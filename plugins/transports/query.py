@@ -65,7 +65,8 @@ def _find(assoc: Association, identifier: Dataset, where: str) -> Iterator[Datas
 def find_instances(source: SourceConfig, request: JobRequest) -> list[InstanceRef]:
     """Every instance of the job's scope the PACS holds (invalid UIDs from the wire dropped)."""
     where = f"{source.ae_title}@{source.host}:{source.port}"
-    assoc = associate(source, [build_context(FIND_MODEL)], purpose="C-FIND")
+    assoc = associate(source, [build_context(FIND_MODEL)], purpose="C-FIND",
+                      source_name=request.source)
     try:
         query = Dataset()
         query.QueryRetrieveLevel = "SERIES"
