@@ -77,6 +77,11 @@ class SourceConfig(_Section):
         description="Transfer syntaxes proposed for storage contexts when the PACS does not "
         "say which ones a study holds; default: the common uncompressed and compressed ones.",
     )
+    move_destination: AETitle | None = Field(
+        None,
+        description="C-MOVE only: the AE title under which this PACS knows `pacsfetch "
+        "receiver` (the PACS maps it to the receiver's host and port).",
+    )
 
     @field_validator("transports")
     @classmethod
@@ -130,6 +135,22 @@ class WorkerConfig(_Section):
     progress_interval: float = Field(0.5, gt=0, description="Seconds between progress updates.")
 
 
+class ReceiverConfig(_Section):
+    """`pacsfetch receiver`: the storage SCP that C-MOVE destinations point at.
+
+    One receiver process serves every worker, so the PACS needs one destination however
+    many workers run.
+    """
+
+    ae_title: AETitle = "PACSFETCH"
+    port: int = Field(11112, ge=1, le=65535)
+    bind: str = Field("0.0.0.0", min_length=1, description="Address to listen on.")
+    accept_from: list[AETitle] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to send instances; empty accepts any.",
+    )
+
+
 class Config(_Section):
     """The whole configuration file."""
 
@@ -138,6 +159,7 @@ class Config(_Section):
     stores: dict[str, StoreConfig] = Field(default_factory=dict)
     api: ApiConfig = ApiConfig()
     worker: WorkerConfig = WorkerConfig()
+    receiver: ReceiverConfig = ReceiverConfig()
     path: Path | None = Field(None, exclude=True, description="Where it was loaded from.")
 
 

@@ -27,6 +27,8 @@ class ErrorKind(StrEnum):
     """The PACS answered the retrieve with a failure status."""
     TIMEOUT = "timeout"
     """The PACS stopped answering within the configured timeout: retried."""
+    MOVE_DESTINATION = "move-destination"
+    """The PACS does not know, or cannot reach, the C-MOVE destination (the receiver)."""
     STORE = "store"
     """A store could not write or commit an instance."""
     CONFIG = "config"

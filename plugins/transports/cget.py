@@ -45,9 +45,21 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import Level
-from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport, Verdict
-from pacsfetch.plugins.dimse import MAX_PRESENTATION_CONTEXTS, associate
-from pacsfetch.plugins.transports.query import UIDS_PER_QUERY, InstanceRef, chunks, find_instances
+from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport
+from pacsfetch.plugins.dimse import (
+    MAX_PRESENTATION_CONTEXTS,
+    STORE_STATUS,
+    associate,
+    status_hint,
+    sub_operation_counts,
+)
+from pacsfetch.plugins.transports.query import (
+    UIDS_PER_QUERY,
+    InstanceRef,
+    chunks,
+    find_instances,
+    retrieve_identifier,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +86,6 @@ DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
 """Proposed, one context each, when the PACS does not say what a study holds: a context
 per syntax lets the PACS send every instance exactly as stored, without transcoding."""
 
-_STORE_STATUS = {
-    Verdict.STORED: 0x0000,
-    Verdict.DUPLICATE: 0x0000,
-    Verdict.OUT_OF_SCOPE: 0x0124,  # Refused: Not Authorised (not part of this job)
-    Verdict.INVALID: 0xC000,  # Error: Cannot Understand
-    Verdict.STORE_FAILED: 0xA700,  # Refused: Out of Resources
-}
-
 Context = tuple[str, str]  # (SOP class UID, transfer syntax UID)
 
 
@@ -96,18 +100,6 @@ class AssociationPlan:
 
 def _contexts_for(ref: InstanceRef, fallback: Iterable[str]) -> set[Context]:
     return {(ref.sop_class_uid, ts) for ts in (ref.transfer_syntaxes or fallback)}
-
-
-def _identifier(level: Level, study_uid: str, series_uid: str | None = None,
-                sop_uids: list[str] | None = None) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level.value
-    ds.StudyInstanceUID = study_uid
-    if series_uid is not None:
-        ds.SeriesInstanceUID = series_uid
-    if sop_uids is not None:
-        ds.SOPInstanceUID = sop_uids
-    return ds
 
 
 def plan_associations(
@@ -153,16 +145,16 @@ def plan_associations(
         instances = [r for _, refs, _ in members for r in refs]
         if len(plans) == 1 and not resumed and request.level is not Level.IMAGE:
             # One association covers everything: ask exactly as the job asked.
-            identifiers = [_identifier(request.level, request.study_uid, request.series_uid)]
+            identifiers = [retrieve_identifier(request.level, request.study_uid, request.series_uid)]
         else:
             identifiers = []
             for series_uid, refs, whole in members:
                 if whole and request.level is not Level.IMAGE:
-                    identifiers.append(_identifier(Level.SERIES, request.study_uid, series_uid))
+                    identifiers.append(retrieve_identifier(Level.SERIES, request.study_uid, series_uid))
                 else:
                     uids = [r.sop_instance_uid for r in refs]
                     identifiers += [
-                        _identifier(Level.IMAGE, request.study_uid, series_uid, part)
+                        retrieve_identifier(Level.IMAGE, request.study_uid, series_uid, part)
                         for part in chunks(uids, UIDS_PER_QUERY)
                     ]
         result.append(AssociationPlan(sorted(contexts), identifiers, instances))
@@ -200,7 +192,7 @@ def _on_c_store(ctx: RetrieveContext):
             sop_class_uid=str(request.AffectedSOPClassUID),
             sop_instance_uid=str(request.AffectedSOPInstanceUID),
         )
-        return _STORE_STATUS[verdict]
+        return STORE_STATUS[verdict]
 
     return handler
 
@@ -266,12 +258,7 @@ def _run_gets(
                     f"{where} aborted the association or stopped answering during C-GET "
                     f"(after {stored} instance(s) this attempt); a retry resumes the job.",
                 )
-            remaining = status.get("NumberOfRemainingSuboperations")
-            if remaining is None and code not in (0xFF00, 0xFF01):
-                remaining = 0  # a final response may omit it: nothing is left of this C-GET
-            completed = status.get("NumberOfCompletedSuboperations") or 0
-            failed = status.get("NumberOfFailedSuboperations") or 0
-            warning = status.get("NumberOfWarningSuboperations") or 0
+            remaining, completed, failed, warning = sub_operation_counts(status)
             ctx.progress.peer_counts(
                 remaining=None if remaining is None else remaining + later,
                 completed=base[0] + completed, failed=base[1] + failed,
@@ -296,20 +283,8 @@ def _run_gets(
             counters.problem(
                 ErrorKind.PEER_STATUS,
                 f"{where} ended a C-GET with status 0x{final_code:04X}"
-                f"{_status_hint(final_code)}.",
+                f"{status_hint(final_code)}.",
             )
-
-
-def _status_hint(code: int | None) -> str:
-    if code is None:
-        return ""
-    if 0xA700 <= code <= 0xA7FF:
-        return " (refused: out of resources; the PACS could not start the sub-operations)"
-    if 0xA900 <= code <= 0xA9FF:
-        return " (identifier does not match SOP class)"
-    if 0xC000 <= code <= 0xCFFF:
-        return " (the PACS was unable to process the request)"
-    return ""
 
 
 class CGetTransport:

@@ -18,7 +18,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
-from pacsfetch.models import JobRequest
+from pacsfetch.models import JobRequest, Level
 from pacsfetch.plugins.dimse import associate
 from pacsfetch.uids import is_valid_uid
 
@@ -43,6 +43,19 @@ def chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[start : start + size]
 
 
+def retrieve_identifier(level: Level, study_uid: str, series_uid: str | None = None,
+                        sop_uids: list[str] | None = None) -> Dataset:
+    """The identifier of a C-GET or C-MOVE at *level*."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level.value
+    ds.StudyInstanceUID = study_uid
+    if series_uid is not None:
+        ds.SeriesInstanceUID = series_uid
+    if sop_uids is not None:
+        ds.SOPInstanceUID = sop_uids
+    return ds
+
+
 def _find(assoc: Association, identifier: Dataset, where: str) -> Iterator[Dataset]:
     for status, found in assoc.send_c_find(identifier, FIND_MODEL):
         code = getattr(status, "Status", None)
@@ -59,8 +72,13 @@ def _find(assoc: Association, identifier: Dataset, where: str) -> Iterator[Datas
             )
 
 
-def find_instances(source: SourceConfig, request: JobRequest) -> list[InstanceRef]:
-    """Every instance of the job's scope the PACS holds (invalid UIDs from the wire dropped)."""
+def find_instances(source: SourceConfig, request: JobRequest, *,
+                   need_sop_class: bool = True) -> list[InstanceRef]:
+    """Every instance of the job's scope the PACS holds (invalid UIDs from the wire dropped).
+
+    Some PACS (dcmqrscp) do not return SOP Class UID at image level; C-MOVE does not need
+    it (``need_sop_class=False``: ``sop_class_uid`` is then empty), C-GET does.
+    """
     where = f"{source.ae_title}@{source.host}:{source.port}"
     assoc = associate(source, [build_context(FIND_MODEL)], purpose="C-FIND")
     try:
@@ -91,7 +109,7 @@ def find_instances(source: SourceConfig, request: JobRequest) -> list[InstanceRe
                 query.SOPClassUID = ""
                 query.AvailableTransferSyntaxUID = ""
                 for found in _find(assoc, query, where):
-                    ref = _instance_ref(found, series_uid)
+                    ref = _instance_ref(found, series_uid, need_sop_class)
                     if ref and (not wanted or ref.sop_instance_uid in wanted):
                         refs[ref.sop_instance_uid] = ref
         return list(refs.values())
@@ -99,11 +117,15 @@ def find_instances(source: SourceConfig, request: JobRequest) -> list[InstanceRe
         assoc.release()
 
 
-def _instance_ref(found: Dataset, series_uid: str) -> InstanceRef | None:
+def _instance_ref(found: Dataset, series_uid: str, need_sop_class: bool) -> InstanceRef | None:
     sop_uid = str(found.get("SOPInstanceUID", ""))
     sop_class = str(found.get("SOPClassUID", ""))
-    if not (is_valid_uid(sop_uid) and is_valid_uid(sop_class)):
+    if not is_valid_uid(sop_uid):
         return None
+    if not is_valid_uid(sop_class):
+        if need_sop_class:
+            return None
+        sop_class = ""
     raw = found.get("AvailableTransferSyntaxUID")
     values = [] if raw in (None, "") else ([raw] if isinstance(raw, str) else list(raw))
     syntaxes = tuple(str(v) for v in values if is_valid_uid(str(v)))
