@@ -7,6 +7,8 @@ loopback, as a PACS in the same network would.
 
 from __future__ import annotations
 
+import socket
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,13 +21,15 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from pacsfetch.api.app import create_app
-from pacsfetch.config import Config, parse_config
+from pacsfetch.config import Config, ConfigError, parse_config
+from pacsfetch.errors import RetrieveError
 from pacsfetch.jobstore import JobStore
 from pacsfetch.models import JobRequest, JobStatus, Level
 from pacsfetch.moves import MoveBook
 from pacsfetch.plugins.registry import get_registry
 from pacsfetch.sandbox.peers import DcmQrScp, Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.samples import SampleStudy, generate_uniform_study
+from pacsfetch.workers.receiver import MoveReceiver
 from pacsfetch.workers.runner import JobRunner, Outcome
 from pacsfetch.workers.state import LocalJobState
 
@@ -37,6 +41,32 @@ RECEIVER_AE = "PACSFETCH"
 @pytest.fixture(scope="module")
 def ports() -> dict[str, int]:
     return {"receiver": free_port(), "dead": free_port()}
+
+
+@pytest.fixture(scope="module")
+def silent_port() -> Iterator[int]:
+    """A port that accepts TCP connections and never answers: a destination behind a
+    firewall that lets the SYN through and drops the rest looks like this to the PACS."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +86,11 @@ def stray(tmp_path_factory: pytest.TempPathFactory) -> SampleStudy:
 
 @pytest.fixture(scope="module")
 def move_orthanc(tmp_path_factory: pytest.TempPathFactory, ports: dict[str, int],
-                 mixed_study: SampleStudy, studies: list[SampleStudy]) -> Iterator[Orthanc]:
+                 silent_port: int, mixed_study: SampleStudy,
+                 studies: list[SampleStudy]) -> Iterator[Orthanc]:
     modalities = {"PACSFETCH": (RECEIVER_AE, "127.0.0.1", ports["receiver"]),
-                  "NOWHERE": ("NOWHERE", "127.0.0.1", ports["dead"])}
+                  "NOWHERE": ("NOWHERE", "127.0.0.1", ports["dead"]),
+                  "SILENT": ("SILENT", "127.0.0.1", silent_port)}
     with Orthanc(tmp_path_factory.mktemp("move-orthanc"), aet="MOVESCP", modalities=modalities,
                  dicomweb=False) as server:
         server.upload_study(mixed_study)
@@ -89,6 +121,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
             "orthanc": orthanc,
             "unknown-dest": {**orthanc, "move_destination": "UNKNOWN"},
             "receiver-down": {**orthanc, "move_destination": "NOWHERE"},
+            "silent-dest": {**orthanc, "move_destination": "SILENT", "timeout": 2},
             "dcmqrscp": {"ae_title": dcmqrscp.aet, "host": "127.0.0.1", "port": dcmqrscp.port,
                          "calling_ae_title": CALLING_AE, "transports": ["c-move"],
                          "move_destination": RECEIVER_AE, "timeout": 10},
@@ -114,6 +147,23 @@ def receiver(tmp_path_factory: pytest.TempPathFactory,
 @pytest.fixture
 def config(settings: dict[str, Any], receiver: ReceiverProcess) -> Config:
     return parse_config(settings)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        ({"receiver": {"prot": 104}}, "receiver.prot: unknown key"),
+        ({"receiver": {"port": 0}}, "receiver.port:"),
+        ({"receiver": {"ae_title": "A" * 17}}, "receiver.ae_title:"),
+        ({"receiver": {"accept_from": ["OK", "BAD\\AE"]}}, "receiver.accept_from[1]:"),
+        ({"sources": {"o": {"ae_title": "O", "host": "h", "port": 1,
+                            "move_destination": "A" * 17}}}, "sources.o.move_destination:"),
+    ],
+)
+def test_bad_receiver_or_move_settings_name_the_key(data: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(data)
+    assert key in str(info.value)
 
 
 def run(config: Config, request: JobRequest) -> Outcome:
@@ -202,6 +252,17 @@ def test_receiver_unreachable_from_the_pacs_is_explained(
     assert stored(config, studies[2].study_uid) == set()
 
 
+def test_pacs_stuck_connecting_to_the_destination_is_a_timeout_naming_the_back_connection(
+    config: Config, studies: list[SampleStudy]
+) -> None:
+    with pytest.raises(RetrieveError) as info:
+        run(config, JobRequest(source="silent-dest", study_uid=studies[2].study_uid,
+                               store="local", transport="c-move"))
+    assert info.value.kind == "timeout" and info.value.retryable
+    assert "stuck connecting to move destination 'SILENT'" in info.value.message
+    assert "NAT/firewall" in info.value.message
+
+
 def test_auto_falls_back_to_c_get_when_the_destination_is_unknown(
     config: Config, studies: list[SampleStudy]
 ) -> None:
@@ -211,11 +272,14 @@ def test_auto_falls_back_to_c_get_when_the_destination_is_unknown(
     assert outcome.transport == "c-get"
 
 
-def _send(port: int, path: Path) -> int:
-    """C-STORE one file to the receiver as a PACS without Move Originator attributes would."""
-    ae = AE(ae_title="MOVESCP")
+def _send(port: int, path: Path, calling_ae: str = "MOVESCP") -> int | None:
+    """C-STORE one file to the receiver as a PACS without Move Originator attributes would;
+    None when the receiver rejects the association."""
+    ae = AE(ae_title=calling_ae)
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title=RECEIVER_AE)
+    if assoc.is_rejected:
+        return None
     assert assoc.is_established
     try:
         return int(assoc.send_c_store(path).Status)
@@ -279,3 +343,22 @@ def test_concurrent_jobs_of_several_workers_share_one_receiver(
         assert job["transport"] == "c-move"
         assert job["progress"]["completed"] == len(study.instances)
         assert store.count_instances(job["id"]) == len(study.instances)
+
+
+def test_receiver_accepts_associations_only_from_listed_calling_ae_titles(
+    settings: dict[str, Any], stray: SampleStudy
+) -> None:
+    # In-process this time (same code as the subprocess), to vary its configuration.
+    port = free_port()
+    config = parse_config({**settings, "receiver": {"port": port, "bind": "127.0.0.1",
+                                                    "accept_from": ["TRUSTED"]}})
+    registry = get_registry()
+    receiver = MoveReceiver(config, registry, registry.check_config(config),
+                            MoveBook.from_url(config.broker.url))
+    receiver.start()
+    try:
+        assert _send(port, stray.instances[0].path, calling_ae="MOVESCP") is None
+        assert _send(port, stray.instances[0].path, calling_ae="TRUSTED") == 0x0124
+    finally:
+        receiver.stop()
+    assert receiver.stats.no_job == 1

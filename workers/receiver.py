@@ -165,6 +165,7 @@ class MoveReceiver:
         self._lock = threading.Lock()
         self._spool = tempfile.TemporaryDirectory(prefix="pacsfetch-receiver-")
         self._server: ThreadedAssociationServer | None = None
+        self._previous_tempdir: str | None = None
 
     def _ae(self) -> AE:
         settings = self.config.receiver
@@ -182,7 +183,7 @@ class MoveReceiver:
     def start(self) -> None:
         settings = self.config.receiver
         # pynetdicom spools each data set with tempfile: keep the spool ours.
-        tempfile.tempdir = self._spool.name
+        self._previous_tempdir, tempfile.tempdir = tempfile.tempdir, self._spool.name
         self._server = self._ae().start_server(
             (settings.bind, settings.port), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._on_c_store),
@@ -197,6 +198,7 @@ class MoveReceiver:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+            tempfile.tempdir = self._previous_tempdir
         self._spool.cleanup()
 
     def serve_forever(self) -> None:
