@@ -7,6 +7,7 @@ loopback, as a PACS in the same network would.
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import uuid
@@ -198,6 +199,28 @@ def test_orthanc_moves_a_study_with_several_sop_classes_to_the_receiver(
     assert dcmread(path, stop_before_pixels=True).SOPInstanceUID == sample.sop_instance_uid
 
 
+def test_resumed_job_moves_only_what_is_missing(config: Config, studies: list[SampleStudy]) -> None:
+    study = studies[1]
+    done = study.instances[:10]
+    state = LocalJobState()
+    state.instances = {i.sop_instance_uid: '{"local":"earlier"}' for i in done}
+    registry = get_registry()
+    runner = JobRunner(config, registry, registry.check_config(config))
+    job_id = uuid.uuid4().hex
+    outcome = runner.run(job_id, JobRequest(
+        source="orthanc", study_uid=study.study_uid, store="local", transport="c-move"), state)
+    assert outcome.status is JobStatus.SUCCEEDED, outcome.error
+    assert outcome.progress.skipped == 10
+    assert outcome.progress.completed == len(study.instances)
+    # Only the 20 missing ones were moved: the receiver's store session for this job (its
+    # manifest) committed exactly those.
+    manifest = root(config) / ".pacsfetch" / "jobs" / f"{job_id}.jsonl"
+    committed = {json.loads(line)["sop_instance_uid"] for line in manifest.read_text().splitlines()}
+    assert committed == {i.sop_instance_uid for i in study.instances[10:]}
+    assert len(state.instances) == len(study.instances)
+    assert all(state.instances[i.sop_instance_uid] == '{"local":"earlier"}' for i in done)
+
+
 def test_dcmqrscp_moves_a_series(config: Config, studies: list[SampleStudy]) -> None:
     study = studies[0]
     series = study.series_uids[0]
@@ -272,7 +295,8 @@ def test_auto_falls_back_to_c_get_when_the_destination_is_unknown(
     assert outcome.transport == "c-get"
 
 
-def _send(port: int, path: Path, calling_ae: str = "MOVESCP") -> int | None:
+def _send(port: int, path: Path, calling_ae: str = "MOVESCP",
+          originator: tuple[str, int] | None = None) -> int | None:
     """C-STORE one file to the receiver as a PACS without Move Originator attributes would;
     None when the receiver rejects the association."""
     ae = AE(ae_title=calling_ae)
@@ -282,7 +306,10 @@ def _send(port: int, path: Path, calling_ae: str = "MOVESCP") -> int | None:
         return None
     assert assoc.is_established
     try:
-        return int(assoc.send_c_store(path).Status)
+        if originator is None:
+            return int(assoc.send_c_store(path).Status)
+        return int(assoc.send_c_store(path, originator_aet=originator[0],
+                                      originator_id=originator[1]).Status)
     finally:
         assoc.release()
 
@@ -315,6 +342,32 @@ def test_receiver_matches_by_uids_when_the_pacs_sends_no_originator(
     finally:
         book.withdraw(job_id)
     assert stored(config, instance.study_uid) == {instance.sop_instance_uid}
+
+
+def test_receiver_tells_two_jobs_of_one_study_apart_by_move_originator(
+    config: Config, receiver: ReceiverProcess, stray: SampleStudy
+) -> None:
+    book = MoveBook.from_url(config.broker.url)
+    request = JobRequest(source="orthanc", study_uid=stray.study_uid, store="local")
+    jobs = {uuid.uuid4().hex: book.next_message_id() for _ in range(2)}
+    for job_id, message_id in jobs.items():
+        book.expect(job_id, request, CALLING_AE, ttl=30)
+        book.add_message_id(job_id, message_id, ttl=30)
+    second, second_message = list(jobs.items())[1]
+    try:
+        assert _send(receiver.port, stray.instances[2].path,
+                     originator=(CALLING_AE, second_message)) == 0x0000
+        rows = wait_for(lambda: book.received_since(second, 0)[0], 10,
+                        what="the receiver to record the instance for the second job")
+        assert [sop for sop, _ in rows] == [stray.instances[2].sop_instance_uid]
+        first = next(iter(jobs))
+        assert book.received_since(first, 0)[0] == []
+        # Another originator AE title: no job of ours asked, whatever the UIDs.
+        assert _send(receiver.port, stray.instances[0].path,
+                     originator=("SOMEONE", second_message)) == 0x0124
+    finally:
+        for job_id in jobs:
+            book.withdraw(job_id)
 
 
 def test_concurrent_jobs_of_several_workers_share_one_receiver(

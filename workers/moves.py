@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import time
 
+import redis
+
+from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import JobRequest
 from pacsfetch.moves import MoveBook
 from pacsfetch.workers.pipeline import InstancePipeline
@@ -39,10 +42,17 @@ class RedisMoveTracker:
         return self._book.next_message_id()
 
     def expect(self, originator_ae: str, message_id: int) -> None:
-        if not self._registered:
-            self._book.expect(self._job_id, self._request, originator_ae, self._ttl)
-            self._registered = True
-        self._book.add_message_id(self._job_id, message_id, self._ttl)
+        try:
+            if not self._registered:
+                self._book.expect(self._job_id, self._request, originator_ae, self._ttl)
+                self._registered = True
+            self._book.add_message_id(self._job_id, message_id, self._ttl)
+        except redis.RedisError as exc:
+            raise RetrieveError(
+                ErrorKind.CONNECTION,
+                f"C-MOVE needs Redis (broker.url), where workers meet `pacsfetch receiver`, "
+                f"and it is not answering: {exc}",
+            ) from None
 
     def collect(self) -> int:
         now = time.monotonic()

@@ -23,14 +23,13 @@ from pathlib import Path
 from pydantic import BaseModel
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacsfetch.config import Config
 from pacsfetch.models import Level, Progress
 from pacsfetch.moves import MoveBook, MoveExpectation
-from pacsfetch.plugins.contracts import InstanceIdentity, StoreSession, Verdict
+from pacsfetch.plugins.contracts import InstanceIdentity, StoreSession
 from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
 from pacsfetch.plugins.dimse import STORE_STATUS
 from pacsfetch.plugins.registry import Registry
@@ -112,12 +111,16 @@ class _Expectations:
 
 def _match(items: list[MoveExpectation], originator_ae: str | None, message_id: int | None,
            identity: InstanceIdentity) -> MoveExpectation | None:
-    """By Move Originator AE Title and Message ID when given, else by the job's UIDs."""
-    if originator_ae and message_id is not None:
+    """By Move Originator AE Title and Message ID when given, else by the job's UIDs.
+
+    A PACS that sends an originator AE title with a message ID of its own (not ours) is
+    still matched by UIDs, among the jobs of that originator.
+    """
+    if originator_ae:
+        items = [item for item in items if item.originator_ae == originator_ae]
         for item in items:
-            if item.originator_ae == originator_ae and message_id in item.message_ids:
+            if message_id in item.message_ids:
                 return item
-        return None
     for item in items:
         request = item.request
         if identity.study_uid != request.study_uid:
