@@ -342,6 +342,8 @@ def test_receiver_matches_by_uids_when_the_pacs_sends_no_originator(
     finally:
         book.withdraw(job_id)
     assert stored(config, instance.study_uid) == {instance.sop_instance_uid}
+    # Withdrawn (the job stopped waiting): refused at once, though the receiver caches.
+    assert _send(receiver.port, instance.path) == 0x0124
 
 
 def test_receiver_tells_two_jobs_of_one_study_apart_by_move_originator(

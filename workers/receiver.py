@@ -100,6 +100,10 @@ class _Expectations:
                 self._read_at = time.monotonic()
             return self._items
 
+    def still_active(self, job_id: str) -> bool:
+        """Re-read the expectations: is *job_id* still waiting? (once per association and job)"""
+        return any(item.job_id == job_id for item in self._refresh(force=True))
+
     def match(self, originator_ae: str | None, message_id: int | None,
               identity: InstanceIdentity) -> MoveExpectation | None:
         for force in (False, True):
@@ -276,6 +280,10 @@ class MoveReceiver:
             jobs = self._associations.setdefault(id(assoc), _AssociationJobs())
         pipeline = jobs.pipelines.get(expectation.job_id)
         if pipeline is None:
+            if not self._expectations.still_active(expectation.job_id):
+                log.warning("refused an instance for a job that stopped waiting",
+                            extra={"job_id": expectation.job_id})
+                return None
             pipeline = self._open_pipeline(expectation, jobs)
         return pipeline
 
