@@ -140,19 +140,21 @@ class CMoveTransport:
         cancel_sent = False
         final_code: int | None = None
         status: Dataset | None = None
+        seen = base[0]
         for status, _ in assoc.send_c_move(identifier, destination, MOVE_MODEL, msg_id=msg_id):
             code = getattr(status, "Status", None)
             if code is None:
                 raise RetrieveError(
                     ErrorKind.TIMEOUT,
                     f"{where} stopped answering the C-MOVE (no response within "
-                    f"{ctx.source.timeout:g} s, after {counters.completed} sub-operation(s)): "
+                    f"{ctx.source.timeout:g} s, after {seen} completed sub-operation(s)): "
                     f"the PACS may be stuck connecting to move destination {destination!r}. "
                     "Is `pacsfetch receiver` reachable from the PACS (NAT/firewall)? C-GET or "
                     "DICOMweb avoid the connection back; a retry resumes the job.",
                 )
             remaining, completed, failed, warning = sub_operation_counts(status)
-            ctx.progress.peer_counts(remaining=remaining, completed=base[0] + completed,
+            seen = base[0] + completed
+            ctx.progress.peer_counts(remaining=remaining, completed=seen,
                                      failed=base[1] + failed, warning=base[2] + warning)
             moves.collect()
             if code in PENDING:
