@@ -160,6 +160,34 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None) -> None
 
 
 @main.command()
+def receiver() -> None:
+    """Run the C-MOVE destination: a storage SCP on [receiver] port, shared by all workers."""
+    import signal
+
+    from pacsfetch.logs import configure_logging
+    from pacsfetch.metrics import serve_receiver_metrics
+    from pacsfetch.moves import MoveBook
+    from pacsfetch.plugins.registry import get_registry
+    from pacsfetch.workers.receiver import MoveReceiver
+
+    config = _load()
+    configure_logging()
+    registry = get_registry()
+    try:
+        settings = registry.check_config(config)
+        serve_receiver_metrics(config.metrics)
+    except ConfigError as exc:
+        _fail(f"configuration error in {exc}")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        MoveReceiver(config, registry, settings, MoveBook.from_url(config.broker.url)).serve_forever()
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        _fail(f"cannot listen on {config.receiver.bind}:{config.receiver.port}: {exc}", 1)
+
+
+@main.command()
 @_job_options
 def retrieve(**options: Any) -> None:
     """Retrieve now, in this process, with no broker (same plugins as the workers)."""

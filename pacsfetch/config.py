@@ -99,6 +99,11 @@ class SourceConfig(_Section):
         0, ge=0, description="C-FIND result count at which this PACS caps its answers "
         "(e.g. Orthanc's LimitFindResults); queries reaching it are split. 0: no cap.",
     )
+    move_destination: AETitle | None = Field(
+        None,
+        description="C-MOVE only: the AE title under which this PACS knows `pacsfetch "
+        "receiver` (the PACS maps it to the receiver's host and port).",
+    )
 
     @model_validator(mode="after")
     def _one_dicomweb_auth(self) -> Self:
@@ -173,6 +178,22 @@ class MetricsConfig(_Section):
     receiver_port: int = Field(9809, ge=1, le=65535)
 
 
+class ReceiverConfig(_Section):
+    """`pacsfetch receiver`: the storage SCP that C-MOVE destinations point at.
+
+    One receiver process serves every worker, so the PACS needs one destination however
+    many workers run.
+    """
+
+    ae_title: AETitle = "PACSFETCH"
+    port: int = Field(11112, ge=1, le=65535)
+    bind: str = Field("0.0.0.0", min_length=1, description="Address to listen on.")
+    accept_from: list[AETitle] = Field(
+        default_factory=list,
+        description="Calling AE titles allowed to send instances; empty accepts any.",
+    )
+
+
 class Config(_Section):
     """The whole configuration file."""
 
@@ -182,6 +203,7 @@ class Config(_Section):
     api: ApiConfig = ApiConfig()
     worker: WorkerConfig = WorkerConfig()
     metrics: MetricsConfig = MetricsConfig()
+    receiver: ReceiverConfig = ReceiverConfig()
     path: Path | None = Field(None, exclude=True, description="Where it was loaded from.")
 
 

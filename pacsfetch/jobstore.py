@@ -160,6 +160,9 @@ class JobStore:
             raise JobNotFound(job_id)
         return self._to_record(job_id, data)
 
+    def exists(self, job_id: str) -> bool:
+        return job_id.isalnum() and bool(self._r.exists(self._job(job_id)))
+
     def list(
         self, status: JobStatus | None = None, offset: int = 0, limit: int = 50
     ) -> tuple[list[JobRecord], int]:

@@ -89,6 +89,39 @@ class ProgressReporter(Protocol):
         ...
 
 
+class MoveTracker(Protocol):
+    """How a C-MOVE transport works with the move receiver, a separate process.
+
+    The PACS delivers C-MOVE sub-operations to ``pacsfetch receiver``, not to the worker;
+    the worker registers what its job expects, and counts what the receiver stored.
+    """
+
+    def expect(self, originator_ae: str, message_id: int) -> None:
+        """Tell the receiver that the C-MOVE with *message_id* from *originator_ae* is ours;
+        call before sending it."""
+        ...
+
+    def next_message_id(self) -> int:
+        """A Message ID no other worker uses at the moment (they may share an AE title)."""
+        ...
+
+    def collect(self) -> int:
+        """Count into the job what the receiver stored so far; returns how many this attempt.
+
+        Cheap to call per C-MOVE response: it reads the receiver's records at most once per
+        progress interval.
+        """
+        ...
+
+    def collect_now(self) -> int:
+        """Like :meth:`collect`, but always reads the receiver's records."""
+        ...
+
+    def withdraw(self) -> None:
+        """Stop expecting anything: the receiver refuses what still comes for the job."""
+        ...
+
+
 @dataclass(slots=True)
 class RetrieveContext:
     """Everything a transport needs for one attempt at one job."""
@@ -101,6 +134,8 @@ class RetrieveContext:
     progress: ProgressReporter
     already_stored: frozenset[str] = frozenset()
     """SOP Instance UIDs an earlier attempt of this job stored: ask the PACS only for the rest."""
+    moves: MoveTracker | None = None
+    """The job's link with the move receiver (C-MOVE); None where no broker is configured."""
 
 
 @dataclass(slots=True)

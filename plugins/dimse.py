@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
@@ -22,6 +23,7 @@ from pynetdicom.sop_class import Verification
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.metrics import ASSOCIATION_THROUGHPUT, ASSOCIATIONS_OPEN, ASSOCIATIONS_OPENED
+from pacsfetch.plugins.contracts import Verdict
 
 # Identifiers can carry patient data: keep them out of pynetdicom's own logs.
 _config.LOG_REQUEST_IDENTIFIERS = False
@@ -33,6 +35,17 @@ MAX_PRESENTATION_CONTEXTS = 128
 """PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255."""
 
 Handler = tuple[Any, Callable[..., Any]]
+
+STORE_STATUS = {
+    Verdict.STORED: 0x0000,
+    Verdict.DUPLICATE: 0x0000,
+    Verdict.OUT_OF_SCOPE: 0x0124,  # Refused: Not Authorised (not part of this job)
+    Verdict.INVALID: 0xC000,  # Error: Cannot Understand
+    Verdict.STORE_FAILED: 0xA700,  # Refused: Out of Resources
+}
+"""The C-STORE status a storage SCP of ours (C-GET or the move receiver) answers a verdict with."""
+
+PENDING = (0xFF00, 0xFF01)
 
 
 @dataclass
@@ -221,3 +234,34 @@ def echo(source: SourceConfig, source_name: str = "unnamed") -> EchoResult:
     if code is None:
         return EchoResult(False, "no C-ECHO response (timeout or association aborted)", elapsed)
     return EchoResult(False, f"C-ECHO answered with status 0x{code:04X}", elapsed)
+
+
+def sub_operation_counts(status: Dataset) -> tuple[int | None, int, int, int]:
+    """(remaining, completed, failed, warning) of a C-GET or C-MOVE response.
+
+    A final response may omit the remaining count: nothing is left of that request then.
+    """
+    remaining = status.get("NumberOfRemainingSuboperations")
+    if remaining is None and status.get("Status") not in PENDING:
+        remaining = 0
+    return (
+        remaining,
+        status.get("NumberOfCompletedSuboperations") or 0,
+        status.get("NumberOfFailedSuboperations") or 0,
+        status.get("NumberOfWarningSuboperations") or 0,
+    )
+
+
+def status_hint(code: int | None) -> str:
+    """What a C-GET or C-MOVE failure status means, for an operator (empty if nothing useful)."""
+    if code is None:
+        return ""
+    if code == 0xA801:
+        return " (refused: move destination unknown)"
+    if 0xA700 <= code <= 0xA7FF:
+        return " (refused: out of resources; the PACS could not start the sub-operations)"
+    if 0xA900 <= code <= 0xA9FF:
+        return " (identifier does not match SOP class)"
+    if 0xC000 <= code <= 0xCFFF:
+        return " (the PACS was unable to process the request)"
+    return ""

@@ -15,7 +15,7 @@ import redis
 from helpers import WorkerProcess, make_config, write_toml
 
 from pacsfetch.config import Config, parse_config
-from pacsfetch.sandbox.peers import Orthanc, RedisServer
+from pacsfetch.sandbox.peers import Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.samples import SampleStudy, generate_mixed_study, generate_uniform_study
 
 
@@ -69,6 +69,9 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
     def start(config: dict[str, Any], concurrency: int = 1) -> WorkerProcess:
+        if started and "metrics" in config:
+            # Workers on one host each need a metrics port of their own, as in production.
+            config = {**config, "metrics": {**config["metrics"], "worker_port": free_port()}}
         path = write_toml(config, tmp_path / f"worker{len(started)}.toml")
         worker = WorkerProcess(path, tmp_path / f"worker{len(started)}.log", concurrency)
         started.append(worker)

@@ -99,3 +99,37 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
             return result
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+class ReceiverProcess:
+    """``pacsfetch receiver`` in a subprocess, as an operator runs it; ready once it listens."""
+
+    def __init__(self, config_path: Path, log_path: Path, port: int) -> None:
+        env = {**os.environ, "PACSFETCH_CONFIG": str(config_path), "PACSFETCH_LOG_LEVEL": "INFO"}
+        self.log_path = log_path
+        self.port = port
+        self._log = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "pacsfetch", "receiver"],
+            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"receiver exited:\n{self.log_path.read_text()[-3000:]}")
+            if b"receiver listening" in self.log_path.read_bytes():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"receiver not ready:\n{self.log_path.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self._log.close()

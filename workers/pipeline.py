@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import pluggy
@@ -150,6 +151,19 @@ class InstancePipeline:
             self.last_store_error = f"store {name!r}: {type(exc).__name__}: {exc}"
             log.error("store failed", extra={"job_id": self._job_id, "store": name, "reason": str(exc)})
             return None
+
+    def adopt(self, locations: Mapping[str, str], nbytes: int) -> None:
+        """Count instances the move receiver (another process) stored for this job.
+
+        They were checked and written there by a pipeline like this one; here they join
+        the job's record and counters as if they had come through :meth:`accept`.
+        """
+        for sop_instance_uid, where in locations.items():
+            if sop_instance_uid not in self.stored:
+                self.stored[sop_instance_uid] = where
+                self._unrecorded[sop_instance_uid] = where
+        self._bytes += nbytes
+        self._maybe_flush()
 
     # ProgressReporter -------------------------------------------------------
     def peer_counts(self, *, remaining: int | None, completed: int, failed: int, warning: int) -> None:

@@ -18,8 +18,10 @@ from pydantic import BaseModel
 from pacsfetch.config import Config
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import JobRequest, JobStatus, Progress, TransportNote
+from pacsfetch.moves import MoveBook
 from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, StoreSession, Transport
 from pacsfetch.plugins.registry import Registry
+from pacsfetch.workers.moves import RedisMoveTracker
 from pacsfetch.workers.pipeline import InstancePipeline
 from pacsfetch.workers.state import JobState
 
@@ -69,6 +71,7 @@ class JobRunner:
         self.config = config
         self.registry = registry
         self.store_settings = store_settings
+        self.moves = MoveBook.from_url(config.broker.url)  # connects on first use (C-MOVE)
 
     def _transports(self, request: JobRequest) -> list[Transport]:
         source = self.config.sources[request.source]
@@ -121,6 +124,8 @@ class JobRunner:
             ctx = RetrieveContext(
                 job_id=job_id, request=request, source_name=request.source, source=source,
                 sink=pipeline, progress=pipeline, already_stored=frozenset(pipeline.stored),
+                moves=RedisMoveTracker(self.moves, job_id, request, pipeline, source.timeout,
+                                       self.config.worker.progress_interval),
             )
             pipeline.use_transport(transport.name)
             try:

@@ -46,8 +46,20 @@ from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import Level
 from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport, Verdict
-from pacsfetch.plugins.dimse import MAX_PRESENTATION_CONTEXTS, associate
-from pacsfetch.plugins.transports.query import UIDS_PER_QUERY, InstanceRef, chunks, find_instances
+from pacsfetch.plugins.dimse import (
+    MAX_PRESENTATION_CONTEXTS,
+    STORE_STATUS,
+    associate,
+    status_hint,
+    sub_operation_counts,
+)
+from pacsfetch.plugins.transports.query import (
+    UIDS_PER_QUERY,
+    InstanceRef,
+    chunks,
+    find_instances,
+    retrieve_identifier,
+)
 from pacsfetch.plugins.transports.sopclasses import candidate_classes
 
 log = logging.getLogger(__name__)
@@ -75,14 +87,6 @@ DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
 """Proposed, one context each, when the PACS does not say what a study holds: a context
 per syntax lets the PACS send every instance exactly as stored, without transcoding."""
 
-_STORE_STATUS = {
-    Verdict.STORED: 0x0000,
-    Verdict.DUPLICATE: 0x0000,
-    Verdict.OUT_OF_SCOPE: 0x0124,  # Refused: Not Authorised (not part of this job)
-    Verdict.INVALID: 0xC000,  # Error: Cannot Understand
-    Verdict.STORE_FAILED: 0xA700,  # Refused: Out of Resources
-}
-
 Context = tuple[str, str]  # (SOP class UID, transfer syntax UID)
 Handler = Callable[[evt.Event], int]
 
@@ -98,18 +102,6 @@ class AssociationPlan:
 
 def _contexts_for(ref: InstanceRef, fallback: Iterable[str]) -> set[Context]:
     return {(ref.sop_class_uid, ts) for ts in (ref.transfer_syntaxes or fallback)}
-
-
-def _identifier(level: Level, study_uid: str, series_uid: str | None = None,
-                sop_uids: list[str] | None = None) -> Dataset:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level.value
-    ds.StudyInstanceUID = study_uid
-    if series_uid is not None:
-        ds.SeriesInstanceUID = series_uid
-    if sop_uids is not None:
-        ds.SOPInstanceUID = sop_uids
-    return ds
 
 
 def plan_associations(
@@ -161,16 +153,16 @@ def plan_associations(
         instances = [r for _, refs, _ in members for r in refs]
         if len(plans) == 1 and not resumed and request.level is not Level.IMAGE:
             # One association covers everything: ask exactly as the job asked.
-            identifiers = [_identifier(request.level, request.study_uid, request.series_uid)]
+            identifiers = [retrieve_identifier(request.level, request.study_uid, request.series_uid)]
         else:
             identifiers = []
             for series_uid, refs, whole in members:
                 if whole and request.level is not Level.IMAGE:
-                    identifiers.append(_identifier(Level.SERIES, request.study_uid, series_uid))
+                    identifiers.append(retrieve_identifier(Level.SERIES, request.study_uid, series_uid))
                 else:
                     uids = [r.sop_instance_uid for r in refs]
                     identifiers += [
-                        _identifier(Level.IMAGE, request.study_uid, series_uid, part)
+                        retrieve_identifier(Level.IMAGE, request.study_uid, series_uid, part)
                         for part in chunks(uids, UIDS_PER_QUERY)
                     ]
         result.append(AssociationPlan(sorted(contexts), identifiers, instances))
@@ -213,7 +205,7 @@ def _on_c_store(ctx: RetrieveContext, counters: _Counters):
         )
         if verdict in (Verdict.STORED, Verdict.DUPLICATE):
             counters.received.add(sop_instance_uid)
-        return _STORE_STATUS[verdict]
+        return STORE_STATUS[verdict]
 
     return handler
 
@@ -287,12 +279,7 @@ def _run_gets(
                     f"{where} aborted the association or stopped answering during C-GET "
                     f"(after {stored} instance(s) this attempt); a retry resumes the job.",
                 )
-            remaining = status.get("NumberOfRemainingSuboperations")
-            if remaining is None and code not in (0xFF00, 0xFF01):
-                remaining = 0  # a final response may omit it: nothing is left of this C-GET
-            completed = status.get("NumberOfCompletedSuboperations") or 0
-            failed = status.get("NumberOfFailedSuboperations") or 0
-            warning = status.get("NumberOfWarningSuboperations") or 0
+            remaining, completed, failed, warning = sub_operation_counts(status)
             if tentative:
                 failed = 0
             ctx.progress.peer_counts(
@@ -319,20 +306,8 @@ def _run_gets(
             counters.problem(
                 ErrorKind.PEER_STATUS,
                 f"{where} ended a C-GET with status 0x{final_code:04X}"
-                f"{_status_hint(final_code)}.",
+                f"{status_hint(final_code)}.",
             )
-
-
-def _status_hint(code: int | None) -> str:
-    if code is None:
-        return ""
-    if 0xA700 <= code <= 0xA7FF:
-        return " (refused: out of resources; the PACS could not start the sub-operations)"
-    if 0xA900 <= code <= 0xA9FF:
-        return " (identifier does not match SOP class)"
-    if 0xC000 <= code <= 0xCFFF:
-        return " (the PACS was unable to process the request)"
-    return ""
 
 
 def _guess_classes(
@@ -388,7 +363,7 @@ def _tentative_round(
     for ref in missing:
         by_series[ref.series_uid].append(ref.sop_instance_uid)
     identifiers = [
-        _identifier(Level.IMAGE, ctx.request.study_uid, series_uid, part)
+        retrieve_identifier(Level.IMAGE, ctx.request.study_uid, series_uid, part)
         for series_uid, uids in by_series.items()
         for part in chunks(uids, UIDS_PER_QUERY)
     ]

@@ -18,7 +18,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
-from pacsfetch.models import JobRequest
+from pacsfetch.models import JobRequest, Level
 from pacsfetch.plugins.dimse import associate
 from pacsfetch.uids import is_valid_uid
 
@@ -46,6 +46,19 @@ def chunks(items: list[str], size: int) -> Iterator[list[str]]:
         yield items[start : start + size]
 
 
+def retrieve_identifier(level: Level, study_uid: str, series_uid: str | None = None,
+                        sop_uids: list[str] | None = None) -> Dataset:
+    """The identifier of a C-GET or C-MOVE at *level*."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level.value
+    ds.StudyInstanceUID = study_uid
+    if series_uid is not None:
+        ds.SeriesInstanceUID = series_uid
+    if sop_uids is not None:
+        ds.SOPInstanceUID = sop_uids
+    return ds
+
+
 def _find(assoc: Association, identifier: Dataset, where: str) -> Iterator[Dataset]:
     for status, found in assoc.send_c_find(identifier, FIND_MODEL):
         code = getattr(status, "Status", None)
@@ -63,7 +76,11 @@ def _find(assoc: Association, identifier: Dataset, where: str) -> Iterator[Datas
 
 
 def find_instances(source: SourceConfig, request: JobRequest) -> list[InstanceRef]:
-    """Every instance of the job's scope the PACS holds (invalid UIDs from the wire dropped)."""
+    """Every instance of the job's scope the PACS holds (invalid UIDs from the wire dropped).
+
+    Some PACS (dcmqrscp) do not return SOP Class UID at image level: ``sop_class_uid`` is
+    then empty, and ``modality`` says what the C-GET transport should guess.
+    """
     where = f"{source.ae_title}@{source.host}:{source.port}"
     assoc = associate(source, [build_context(FIND_MODEL)], purpose="C-FIND",
                       source_name=request.source)

@@ -1,0 +1,240 @@
+"""C-MOVE: the PACS opens a new association back to a move destination and sends there.
+
+The destination is ``pacsfetch receiver``, one process all workers share, which the PACS
+knows under the source's ``move_destination`` AE title. This only works where the PACS can
+connect to the receiver; behind NAT, a firewall or in a pod it cannot reach, C-MOVE fails
+and the error says so (C-GET and DICOMweb need no connection back).
+
+An attempt plans with the same C-FIND inventory as C-GET (what to expect, what a resumed
+job still lacks), registers a move expectation for each C-MOVE message, follows the
+pending responses for progress, and after the final one waits (at most the source's
+timeout) until the receiver has recorded as many instances as the PACS says it delivered.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from pydicom.dataset import Dataset
+from pynetdicom.association import Association
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+from pacsfetch import hookimpl
+from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.models import Level
+from pacsfetch.plugins.contracts import (
+    MoveTracker,
+    RetrieveContext,
+    RetrieveResult,
+    Transport,
+)
+from pacsfetch.plugins.dimse import PENDING, associate, status_hint, sub_operation_counts
+from pacsfetch.plugins.transports.query import (
+    UIDS_PER_QUERY,
+    InstanceRef,
+    chunks,
+    find_instances,
+    retrieve_identifier,
+)
+
+log = logging.getLogger(__name__)
+
+MOVE_MODEL = StudyRootQueryRetrieveInformationModelMove
+UNKNOWN_DESTINATION = 0xA801
+SETTLE_POLL = 0.05
+"""Seconds between looks at the receiver's records while waiting for the last instances."""
+
+
+def move_identifiers(ctx: RetrieveContext, inventory: list[InstanceRef]) -> list[Dataset]:
+    """Ask as the job asked when nothing is stored yet; else only for the missing instances."""
+    request = ctx.request
+    missing = [r for r in inventory if r.sop_instance_uid not in ctx.already_stored]
+    if len(missing) == len(inventory) and request.level is not Level.IMAGE:
+        return [retrieve_identifier(request.level, request.study_uid, request.series_uid)]
+    by_series: dict[str, list[str]] = {}
+    for ref in missing:
+        by_series.setdefault(ref.series_uid, []).append(ref.sop_instance_uid)
+    return [
+        retrieve_identifier(Level.IMAGE, request.study_uid, series_uid, part)
+        for series_uid, uids in by_series.items()
+        for part in chunks(uids, UIDS_PER_QUERY)
+    ]
+
+
+@dataclass
+class _Counters:
+    """Sub-operation counters summed over the C-MOVEs of one attempt."""
+
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    problems: list[str] = field(default_factory=list)
+    problem_kind: ErrorKind | None = None
+    cancelled: bool = False
+
+    def problem(self, kind: ErrorKind, text: str) -> None:
+        self.problem_kind = self.problem_kind or kind
+        self.problems.append(text)
+
+
+class CMoveTransport:
+    """C-MOVE to ``pacsfetch receiver``, correlated with the job through move expectations."""
+
+    name = "c-move"
+
+    def retrieve(self, ctx: RetrieveContext) -> RetrieveResult:
+        source = ctx.source
+        where = f"{source.ae_title}@{source.host}:{source.port}"
+        destination = source.move_destination
+        if not destination:
+            raise RetrieveError(
+                ErrorKind.CONFIG,
+                f"source {ctx.source_name!r} has no move_destination: set "
+                f"sources.{ctx.source_name}.move_destination to the AE title the PACS knows "
+                "`pacsfetch receiver` by, or use C-GET.",
+            )
+        if ctx.moves is None:
+            raise RetrieveError(ErrorKind.CONFIG, "C-MOVE needs the broker (Redis) that "
+                                "connects workers with `pacsfetch receiver`")
+        inventory = find_instances(source, ctx.request)
+        if not inventory:
+            raise RetrieveError(
+                ErrorKind.QUERY,
+                f"{where} holds no instances matching the job (C-FIND found none): check the "
+                "UIDs, or whether the PACS lets this AE see the study.",
+            )
+        expected = frozenset(r.sop_instance_uid for r in inventory)
+        counters = _Counters()
+        moves = ctx.moves
+        try:
+            assoc = associate(source, [build_context(MOVE_MODEL)], purpose="C-MOVE")
+            try:
+                for identifier in move_identifiers(ctx, inventory):
+                    self._move(ctx, assoc, identifier, moves, counters, where, destination)
+                    if counters.cancelled:
+                        break
+            finally:
+                if assoc.is_established:
+                    assoc.release()
+            received = self._settle(moves, counters, source.timeout)
+        finally:
+            moves.withdraw()
+        self._explain(counters, received, where, destination)
+        return RetrieveResult(
+            expected=expected,
+            problems=counters.problems,
+            problem_kind=counters.problem_kind.value if counters.problem_kind else None,
+            peer_failed=counters.failed,
+            cancelled=counters.cancelled,
+        )
+
+    def _move(self, ctx: RetrieveContext, assoc: Association, identifier: Dataset,
+              moves: MoveTracker, counters: _Counters, where: str, destination: str) -> None:
+        """One C-MOVE: register it with the receiver, follow its responses."""
+        msg_id = moves.next_message_id()
+        moves.expect(ctx.source.calling_ae_title, msg_id)
+        base = (counters.completed, counters.failed, counters.warning)
+        cancel_sent = False
+        final_code: int | None = None
+        status: Dataset | None = None
+        seen = base[0]
+        for status, _ in assoc.send_c_move(identifier, destination, MOVE_MODEL, msg_id=msg_id):
+            code = getattr(status, "Status", None)
+            if code is None:
+                raise RetrieveError(
+                    ErrorKind.TIMEOUT,
+                    f"{where} stopped answering the C-MOVE (no response within "
+                    f"{ctx.source.timeout:g} s, after {seen} completed sub-operation(s)): "
+                    f"the PACS may be stuck connecting to move destination {destination!r}. "
+                    "Is `pacsfetch receiver` reachable from the PACS (NAT/firewall)? C-GET or "
+                    "DICOMweb avoid the connection back; a retry resumes the job.",
+                )
+            remaining, completed, failed, warning = sub_operation_counts(status)
+            seen = base[0] + completed
+            ctx.progress.peer_counts(remaining=remaining, completed=seen,
+                                     failed=base[1] + failed, warning=base[2] + warning)
+            moves.collect()
+            if code in PENDING:
+                if not cancel_sent and ctx.progress.cancelled():
+                    assoc.send_c_cancel(msg_id, query_model=MOVE_MODEL)
+                    cancel_sent = True
+                continue
+            final_code = code
+            counters.completed = base[0] + completed
+            counters.failed = base[1] + failed
+            counters.warning = base[2] + warning
+        delivered = counters.completed + counters.warning - base[0] - base[2]
+        if final_code == UNKNOWN_DESTINATION:
+            raise RetrieveError(
+                ErrorKind.MOVE_DESTINATION,
+                f"{where} does not know move destination {destination!r} (status 0xA801): add "
+                f"{destination!r} to the PACS's DICOM nodes with the host and port of "
+                "`pacsfetch receiver` ([receiver] port), or use C-GET.",
+            )
+        if final_code == 0xFE00 or cancel_sent:
+            counters.cancelled = True
+        elif final_code not in (0x0000, 0xB000) and not delivered:
+            # Many PACS (Orthanc among them) answer an unknown destination and a refused
+            # connection back with the same generic failure: name both causes.
+            comment = status.get("ErrorComment") if status is not None else None
+            raise RetrieveError(
+                ErrorKind.MOVE_DESTINATION,
+                f"{where} moved nothing to {destination!r} (status 0x{final_code:04X}"
+                f"{status_hint(final_code)}{f': {comment}' if comment else ''}). Either the PACS "
+                f"does not know move destination {destination!r}: add it to the PACS with the "
+                "host and port of `pacsfetch receiver`; or the PACS could not deliver to it: is "
+                "`pacsfetch receiver` running and reachable from the PACS (NAT/firewall)? C-GET "
+                "or DICOMweb avoid the connection back.",
+            )
+        elif final_code not in (0x0000, 0xB000):
+            counters.problem(
+                ErrorKind.PEER_STATUS,
+                f"{where} ended a C-MOVE with status 0x{final_code:04X}{status_hint(final_code)}.",
+            )
+
+    @staticmethod
+    def _settle(moves: MoveTracker, counters: _Counters, timeout: float) -> int:
+        """Wait (at most *timeout*) until the receiver recorded what the PACS says it sent."""
+        delivered = counters.completed + counters.warning
+        deadline = time.monotonic() + timeout
+        received = moves.collect_now()
+        while received < delivered and not counters.cancelled and time.monotonic() < deadline:
+            time.sleep(SETTLE_POLL)
+            received = moves.collect_now()
+        return received
+
+    @staticmethod
+    def _explain(counters: _Counters, received: int, where: str, destination: str) -> None:
+        """Turn what the PACS and the receiver report into an operator's next step."""
+        if counters.cancelled:
+            return
+        if counters.failed and not received:
+            raise RetrieveError(
+                ErrorKind.MOVE_DESTINATION,
+                f"{where} could not deliver any of {counters.failed} instance(s) to move "
+                f"destination {destination!r}: is `pacsfetch receiver` running, and is the "
+                f"host and port the PACS has for {destination!r} reachable from the PACS "
+                "(NAT/firewall)? C-GET or DICOMweb avoid the connection back.",
+            )
+        delivered = counters.completed + counters.warning
+        if received < delivered:
+            counters.problem(
+                ErrorKind.MOVE_DESTINATION,
+                f"{where} reports {delivered} instance(s) delivered to {destination!r} but the "
+                f"receiver recorded {received}: does {destination!r} on the PACS point at "
+                "`pacsfetch receiver` (another storage SCP may have received them)?",
+            )
+        if counters.failed:
+            counters.problem(
+                ErrorKind.PEER_STATUS,
+                f"{where} reported {counters.failed} failed C-STORE sub-operation(s) to "
+                f"{destination!r} (the receiver refuses instances the job did not ask for)",
+            )
+
+
+@hookimpl
+def pacsfetch_transports() -> list[Transport]:
+    return [CMoveTransport()]
