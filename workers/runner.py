@@ -157,7 +157,9 @@ class JobRunner:
     ) -> Outcome:
         progress = pipeline.progress
         problems = [text for _, text in pipeline.problems()] + result.problems
-        kind = result.problem_kind or next((k.value for k, _ in pipeline.problems()), None)
+        # When our own store refused instances, the PACS's failure counts are a consequence.
+        kind = (ErrorKind.STORE.value if pipeline.store_failures else result.problem_kind) or next(
+            (k.value for k, _ in pipeline.problems()), None)
         if result.cancelled:
             return Outcome(JobStatus.CANCELLED, progress, used, "cancelled by request", "cancelled")
         stored = set(pipeline.stored)
