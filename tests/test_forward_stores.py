@@ -180,12 +180,14 @@ def test_stowrs_secret_comes_from_the_environment(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize(("plugin", "settings", "message"), [
-    ("dicom", {"ae_title": "A", "host": "h", "port": 104, "aet": "B"}, "stores.out.aet: unknown key"),
+    ("dicom", {"ae_title": "A", "host": "h", "port": 104, "aet": "B"},
+     "stores.out.aet: unknown key"),
     ("dicom", {"ae_title": "A", "host": "h"}, "stores.out.port: Field required"),
     ("dicom", {"ae_title": "A" * 17, "host": "h", "port": 104}, "stores.out.ae_title"),
     ("stow-rs", {"url": "not a url"}, "stores.out.url"),
     ("stow-rs", {"url": "http://h/dicom-web", "password": "x"}, "stores.out.password: unknown key"),
-    ("stow-rs", {"url": "http://h/dicom-web", "username": "u"}, "username and password_env go together"),
+    ("stow-rs", {"url": "http://h/dicom-web", "username": "u"},
+     "username and password_env go together"),
 ])
 def test_bad_keys_refuse_start_up(plugin: str, settings: dict[str, object], message: str) -> None:
     config = parse_config({"stores": {"out": {"plugin": plugin, **settings}}})

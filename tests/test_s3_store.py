@@ -100,7 +100,8 @@ def test_large_instance_goes_up_in_parts_invisibly_and_with_bounded_memory(
                            multipart_chunksize=chunk, storage_class="STANDARD_IA", sse="AES256")
     instance = spooled(large_instance, tmp_path)
     assert instance.size > 3 * chunk
-    key = f"{large_instance.study_uid}/{large_instance.series_uid}/{large_instance.sop_instance_uid}.dcm"
+    sample = large_instance
+    key = f"{sample.study_uid}/{sample.series_uid}/{sample.sop_instance_uid}.dcm"
     tracemalloc.start()
     try:
         staged = session.write(instance)
@@ -121,7 +122,7 @@ def test_large_instance_goes_up_in_parts_invisibly_and_with_bounded_memory(
     assert meta["ContentLength"] == instance.size
     assert meta["StorageClass"] == "STANDARD_IA" and meta["ServerSideEncryption"] == "AES256"
     body = aws_credentials.client().get_object(Bucket=bucket, Key=key)["Body"].read()
-    assert hashlib.sha256(body).digest() == hashlib.sha256(large_instance.path.read_bytes()).digest()
+    assert hashlib.sha256(body).digest() == hashlib.sha256(sample.path.read_bytes()).digest()
     assert "Uploads" not in aws_credentials.client().list_multipart_uploads(Bucket=bucket)
 
 
@@ -225,7 +226,8 @@ def test_endpoint_going_down_mid_job_fails_the_instance(
     ({"bucket": "pf-bucket", "layout": "/{SOPInstanceUID}"}, "stores.archive.layout: Value error"),
     ({"bucket": "pf-bucket", "multipart_chunksize": 1024}, "stores.archive.multipart_chunksize"),
     ({"bucket": "pf-bucket", "sse": "rot13"}, "stores.archive.sse"),
-    ({"bucket": "pf-bucket", "aws_secret_access_key": "x"}, "stores.archive.aws_secret_access_key: unknown key"),
+    ({"bucket": "pf-bucket", "aws_secret_access_key": "x"},
+     "stores.archive.aws_secret_access_key: unknown key"),
 ])
 def test_bad_keys_refuse_start_up(settings: dict[str, Any], message: str) -> None:
     config = parse_config({"stores": {"archive": {"plugin": "s3", **settings}}})

@@ -11,9 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from fastapi.testclient import TestClient
+from helpers import make_config, write_toml
 
 from pacsfetch.api.app import create_app
+from pacsfetch.cli import main
 from pacsfetch.config import Config, StoreConfig
 from pacsfetch.models import JobRequest, JobStatus
 from pacsfetch.plugins.registry import get_registry
@@ -165,3 +168,21 @@ def test_api_names_the_field(api_with_source: TestClient, body: dict[str, Any],
     [detail] = response.json()["detail"]
     assert detail["loc"] == loc
     assert text in detail["msg"]
+
+
+def test_cli_retrieve_takes_store_several_times(
+    redis_url: str, orthanc: Orthanc, mixed_study: SampleStudy, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = make_config(redis_url=redis_url, store_root=tmp_path / "one", orthanc=orthanc)
+    data["stores"]["second"] = {"plugin": "filesystem", "root": str(tmp_path / "two")}
+    monkeypatch.setenv("PACSFETCH_CONFIG", str(write_toml(data, tmp_path / "pacsfetch.toml")))
+    series = mixed_study.series_uids[0]
+    result = CliRunner().invoke(main, [
+        "retrieve", "--source", "orthanc", "--study", mixed_study.study_uid, "--series", series,
+        "--store", "local", "--store", "second"])
+    assert result.exit_code == 0, result.output
+    expected = {i.sop_instance_uid for i in mixed_study.instances_of_series(series)}
+    for root in ("one", "two"):
+        stored = {p.stem for p in (tmp_path / root).rglob("*.dcm") if ".pacsfetch" not in p.parts}
+        assert stored == expected

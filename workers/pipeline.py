@@ -132,7 +132,8 @@ class InstancePipeline:
                 session.abort(token)
             self.store_failures += 1
             self.failed_stores.add(name)
-            reason = exc.message if isinstance(exc, RetrieveError) else f"{type(exc).__name__}: {exc}"
+            reason = (exc.message if isinstance(exc, RetrieveError)
+                      else f"{type(exc).__name__}: {exc}")
             self.last_store_error = f"store {name!r}: {reason}"
             log.error("store failed", extra={"job_id": self._job_id, "store": name, "reason": str(exc)})
             return None

@@ -168,7 +168,11 @@ class S3Session:
         self._check_etags = settings.sse != "aws:kms"
         self._pending: dict[str, str] = {}
         """Multipart uploads written but not yet completed or aborted: upload id -> key."""
-        self._call("check the bucket", self._client.head_bucket, Bucket=self._bucket)
+        try:
+            self._call("check the bucket", self._client.head_bucket, Bucket=self._bucket)
+        except RetrieveError:
+            self._client.close()
+            raise
 
     @property
     def spool_dir(self) -> Path | None:
@@ -267,7 +271,11 @@ class S3Session:
         try:
             self._verify_etag(etag, expected, "object")
         except RetrieveError:
-            self._client.delete_object(Bucket=self._bucket, Key=staged.key)
+            try:
+                self._client.delete_object(Bucket=self._bucket, Key=staged.key)
+            except (ClientError, BotoCoreError):
+                log.error("could not remove a corrupted object", extra={
+                    "job_id": self._job_id, "store": self._store_name})
             raise
 
     def _verify_etag(self, etag: str | None, expected: str, what: str) -> None:
@@ -279,12 +287,15 @@ class S3Session:
             )
 
     def abort(self, staged: _Staged) -> None:
-        if staged.upload_id is None or staged.upload_id not in self._pending:
+        if staged.upload_id is not None:
+            self._abort_upload(staged.upload_id)
+
+    def _abort_upload(self, upload_id: str) -> None:
+        key = self._pending.pop(upload_id, None)
+        if key is None:
             return
-        key = self._pending.pop(staged.upload_id)
         try:
-            self._client.abort_multipart_upload(Bucket=self._bucket, Key=key,
-                                                UploadId=staged.upload_id)
+            self._client.abort_multipart_upload(Bucket=self._bucket, Key=key, UploadId=upload_id)
         except (ClientError, BotoCoreError) as exc:
             # Still invisible; a lifecycle rule reclaims it. Nothing else can be done here.
             log.warning("could not abort a multipart upload", extra={
@@ -294,8 +305,8 @@ class S3Session:
         """Nothing to do: S3 acknowledges a PUT or a completed upload once it is durable."""
 
     def close(self) -> None:
-        for upload_id, key in list(self._pending.items()):
-            self.abort(_Staged(key, Path(), 0, _Digests(b"", b""), upload_id=upload_id))
+        for upload_id in list(self._pending):
+            self._abort_upload(upload_id)
         self._client.close()
 
     def _call(self, action: str, method: Any, **kwargs: Any) -> Any:
@@ -318,7 +329,8 @@ class S3Session:
             code = str(error.get("Code", "unknown"))
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
             if code == "NoSuchBucket" or (action == "check the bucket" and status == 404):
-                text = f"bucket {bucket!r} does not exist at {where}: create it or fix stores.{self._store_name}.bucket"
+                text = (f"bucket {bucket!r} does not exist at {where}: create it or fix "
+                        f"stores.{self._store_name}.bucket")
             elif code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied",
                           "InvalidToken", "ExpiredToken") or status == 403:
                 text = (f"S3 refused access to bucket {bucket!r} ({code}): check the worker's "

@@ -122,7 +122,8 @@ class StowRsSession:
                 self._url,
                 content=_body(head, staged.path, tail),
                 headers={
-                    "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+                    "Content-Type": "multipart/related; type=\"application/dicom\"; "
+                                    f"boundary={boundary}",
                     # A known length: no chunked encoding, which some archives refuse.
                     "Content-Length": str(len(head) + staged.size + len(tail)),
                 },
@@ -150,7 +151,7 @@ class StowRsSession:
             if _value(item, REFERENCED_SOP_INSTANCE_UID) == sop_instance_uid:
                 return str(_value(item, RETRIEVE_URL) or self._url)
         raise RetrieveError(ErrorKind.STORE, f"{self._url} did not confirm the instance "
-                            f"(HTTP {response.status_code}{', ' + response.reason_phrase if response.reason_phrase else ''})")
+                            f"(HTTP {response.status_code}, {response.reason_phrase})")
 
     def abort(self, staged: _Pending) -> None:
         """Nothing to undo: nothing is sent before commit."""
