@@ -22,12 +22,13 @@ with that reason instead of being asked again for each.
 from __future__ import annotations
 
 import logging
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydicom.uid import UID
-from pynetdicom import _config
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
@@ -132,6 +133,7 @@ class DicomForwardSession:
         wanted = list(self._proposed)[-MAX_PRESENTATION_CONTEXTS:]
         try:
             self._assoc = associate(self._peer, [build_context(sop, [ts]) for sop, ts in wanted],
+                                    handlers=[(evt.EVT_CONN_OPEN, _no_delay)],
                                     purpose="forwarding instances")
         except RetrieveError as exc:
             if exc.kind in _FATAL_FOR_THE_JOB:
@@ -178,6 +180,18 @@ class DicomForwardSession:
         log.info("forward store closed", extra={
             "job_id": self._job_id, "store": self._store_name,
             "associations": self.associations_opened})
+
+
+def _no_delay(event: evt.Event) -> None:
+    """Turn Nagle's algorithm off on our side of the association.
+
+    pynetdicom leaves it on; a C-STORE request is then a small command PDU followed by data
+    PDUs, and Nagle plus the archive's delayed ACKs stall every instance by up to 40 ms
+    (measured: 19 instead of 98 instances/s into storescp; see the README's benchmarks).
+    """
+    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class DicomForwardBackend:
