@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from pacsfetch.config import ConfigError, parse_config
 from pacsfetch.errors import RetrieveError
@@ -194,3 +194,37 @@ def test_bad_keys_refuse_start_up(plugin: str, settings: dict[str, object], mess
     with pytest.raises(ConfigError) as info:
         get_registry().check_config(config)
     assert message in str(info.value)
+
+
+class UncompressedOnlyStoreScp(StoreScp):
+    """storescp as an archive that accepts only uncompressed transfer syntaxes (its default
+    without ``--accept-all``)."""
+
+    def _command(self) -> list[str]:
+        return [arg for arg in super()._command() if arg != "--accept-all"]
+
+
+def test_refused_transfer_syntax_is_a_negotiation_error_naming_it(
+    tmp_path: Path, mixed_study: SampleStudy
+) -> None:
+    compressed = {i.transfer_syntax_uid for i in mixed_study.instances} - {
+        "1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+    assert compressed, "the mixed study must hold compressed instances"
+    with UncompressedOnlyStoreScp(tmp_path / "plain", aet="PLAIN") as server:
+        session = forward_session(server.aet, server.port)
+        errors: dict[str, str] = {}
+        for sample in mixed_study.instances:
+            try:
+                session.commit(session.write(spooled(sample, tmp_path / "spool")))
+            except RetrieveError as exc:
+                assert exc.kind == "negotiation"
+                errors[sample.transfer_syntax_uid] = exc.message
+        session.close()
+    assert set(errors) == compressed
+    for syntax, message in errors.items():
+        assert "does not accept" in message and UID(syntax).name in message
+        assert "never transcoded" in message
+    received = {p.name.split(".", 1)[1].removesuffix(".dcm")
+                for p in server.received_dir.glob("*.dcm")}
+    assert received == {i.sop_instance_uid for i in mixed_study.instances
+                        if i.transfer_syntax_uid not in compressed}
