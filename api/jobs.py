@@ -34,9 +34,15 @@ def check_against_config(request: JobRequest, config: Config) -> None:
     if source is None:
         raise _field_error("source", f"unknown source {request.source!r}; configured: "
                            f"{', '.join(sorted(config.sources)) or 'none'}", "unknown_source")
-    if request.store not in config.stores:
-        raise _field_error("store", f"unknown store {request.store!r}; configured: "
-                           f"{', '.join(sorted(config.stores)) or 'none'}", "unknown_store")
+    configured = ', '.join(sorted(config.stores)) or 'none'
+    if request.store is not None and request.store not in config.stores:
+        raise _field_error("store", f"unknown store {request.store!r}; configured: {configured}",
+                           "unknown_store")
+    for i, name in enumerate(request.stores or ()):
+        if name not in config.stores:
+            raise RequestValidationError([{
+                "loc": ("body", "stores", i), "type": "unknown_store",
+                "msg": f"unknown store {name!r}; configured: {configured}"}])
     if request.transport != "auto" and request.transport not in source.transports:
         raise _field_error("transport", f"source {request.source!r} does not offer transport "
                            f"{request.transport!r}; it offers: auto, {', '.join(source.transports)}",

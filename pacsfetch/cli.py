@@ -42,7 +42,8 @@ def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--sop", "sop_uids", multiple=True, help="SOP Instance UID (repeat; level IMAGE)."),
         click.option("--level", type=click.Choice([lv.value for lv in Level], case_sensitive=False),
                      help="Default: IMAGE with --sop, SERIES with --series, else STUDY."),
-        click.option("--store", required=True, help="A [stores.NAME] of the config."),
+        click.option("--store", "stores", required=True, multiple=True,
+                     help="A [stores.NAME] of the config (repeat to write to several)."),
         click.option("--transport", default="auto", show_default=True,
                      help="auto, or one of the source's transports."),
         click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True,
@@ -54,11 +55,12 @@ def _job_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _request(source: str, study_uid: str, series_uid: str | None, sop_uids: tuple[str, ...],
-             level: str | None, store: str, transport: str, priority: int) -> JobRequest:
+             level: str | None, stores: tuple[str, ...], transport: str, priority: int) -> JobRequest:
     chosen = level.upper() if level else ("IMAGE" if sop_uids else "SERIES" if series_uid else "STUDY")
     try:
         return JobRequest(source=source, level=Level(chosen), study_uid=study_uid,
-                          series_uid=series_uid, sop_uids=list(sop_uids), store=store,
+                          series_uid=series_uid, sop_uids=list(sop_uids),
+                          **({"store": stores[0]} if len(stores) == 1 else {"stores": list(stores)}),
                           transport=transport, priority=priority)
     except ValueError as exc:
         _fail(f"invalid job:\n{exc}")

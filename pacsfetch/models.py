@@ -10,13 +10,22 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from pacsfetch.uids import check_uid
 
 UID = Annotated[str, AfterValidator(check_uid)]
 
 MAX_SOP_UIDS_PER_JOB = 10_000
+MAX_STORES_PER_JOB = 8
 
 
 class Level(StrEnum):
@@ -60,8 +69,36 @@ class JobRequest(BaseModel):
         description="SOP Instance UIDs; required for IMAGE.",
     )
     transport: str = Field("auto", min_length=1, description="`auto` or a transport name.")
-    store: str = Field(min_length=1, description="Name of a `[stores.NAME]` section.")
+    store: str | None = Field(
+        None, min_length=1, description="Name of a `[stores.NAME]` section (give this or `stores`)."
+    )
+    stores: list[Annotated[str, Field(min_length=1)]] | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_STORES_PER_JOB,
+        validate_default=True,
+        description="Several `[stores.NAME]` sections, written together: an instance counts as "
+        "stored only once every one has committed it (give this or `store`).",
+    )
     priority: int = Field(5, ge=0, le=9, description="0 (lowest) to 9 (most urgent).")
+
+    @field_validator("stores")
+    @classmethod
+    def _store_or_stores(cls, value: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        if "store" not in info.data:  # ``store`` itself was invalid, and its error says so
+            return value
+        if value is not None and info.data["store"] is not None:
+            raise ValueError("give either store or stores, not both")
+        if value is None and info.data["store"] is None:
+            raise ValueError("name where to write: give store or stores")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("lists a store twice")
+        return value
+
+    @property
+    def store_names(self) -> list[str]:
+        """Every store the job writes to, in the order given."""
+        return list(self.stores) if self.stores is not None else [str(self.store)]
 
     @model_validator(mode="after")
     def _level_has_its_uids(self) -> Self:

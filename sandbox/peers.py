@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
@@ -28,7 +29,7 @@ import httpx
 
 from pacsfetch.sandbox.samples import SampleStudy
 
-__all__ = ["DcmQrScp", "Orthanc", "Prometheus", "RedisServer", "StoreScp", "free_port"]
+__all__ = ["DcmQrScp", "Orthanc", "Prometheus", "RedisServer", "S3Server", "StoreScp", "free_port"]
 
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 30.0
@@ -502,3 +503,55 @@ class Prometheus(_Peer):
         reply = httpx.get(f"{self.url}/api/v1/query", params={"query": expression}, timeout=10)
         reply.raise_for_status()
         return list(reply.json()["data"]["result"])
+
+
+class S3Server(_Peer):
+    """An S3 API over HTTP on loopback: moto's standalone server, with signatures enforced.
+
+    There is no Debian package of an S3 server, so this is the one peer from PyPI; it speaks
+    the real S3 REST protocol, and boto3 talks HTTP to it exactly as to AWS. Authentication is
+    on: the first IAM calls (``INITIAL_NO_AUTH_ACTION_COUNT``) create a user allowed ``s3:*``,
+    whose key pair (:attr:`access_key_id`, :attr:`secret_access_key`) signs everything after;
+    any other key is refused with 403, as AWS does.
+    """
+
+    _SETUP_ACTIONS = 3  # create_user, put_user_policy, create_access_key
+
+    def __init__(self, workdir: Path, *, port: int | None = None,
+                 region: str = "us-east-1") -> None:
+        super().__init__(workdir, "s3")
+        self.port = port or free_port()
+        self.url = f"http://{LOOPBACK}:{self.port}"
+        self.region = region
+        self.access_key_id = ""
+        self.secret_access_key = ""
+
+    def _command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", LOOPBACK, "-p", str(self.port)]
+
+    def _environment(self) -> dict[str, str]:
+        return {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(self._SETUP_ACTIONS)}
+
+    def _answers(self) -> bool:
+        return _accepts_tcp(self.port)  # an HTTP probe could count as one of the setup actions
+
+    def start(self) -> None:
+        super().start()
+        import boto3  # only the S3 peer needs it
+
+        iam = boto3.client("iam", endpoint_url=self.url, region_name=self.region,
+                           aws_access_key_id="setup", aws_secret_access_key="setup")
+        iam.create_user(UserName="pacsfetch")
+        iam.put_user_policy(UserName="pacsfetch", PolicyName="s3", PolicyDocument=json.dumps({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        key = iam.create_access_key(UserName="pacsfetch")["AccessKey"]
+        self.access_key_id, self.secret_access_key = key["AccessKeyId"], key["SecretAccessKey"]
+
+    def client(self) -> Any:
+        """A boto3 S3 client signed with the server's credentials."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name=self.region,
+                            aws_access_key_id=self.access_key_id,
+                            aws_secret_access_key=self.secret_access_key)

@@ -15,7 +15,7 @@ import redis
 from helpers import WorkerProcess, make_config, write_toml
 
 from pacsfetch.config import Config, parse_config
-from pacsfetch.sandbox.peers import Orthanc, RedisServer, free_port
+from pacsfetch.sandbox.peers import Orthanc, RedisServer, S3Server, free_port
 from pacsfetch.sandbox.samples import SampleStudy, generate_mixed_study, generate_uniform_study
 
 
@@ -81,3 +81,21 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     yield start
     for worker in started:
         worker.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    with S3Server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+
+
+@pytest.fixture
+def aws_credentials(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """The S3 server's key pair in the environment, where boto3's credential chain finds it."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_CONFIG_FILE",
+                 "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_access_key)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return s3_server

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
@@ -300,7 +301,9 @@ def _send(port: int, path: Path, calling_ae: str = "MOVESCP",
     """C-STORE one file to the receiver as a PACS without Move Originator attributes would;
     None when the receiver rejects the association."""
     ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(CTImageStorage)
+    # One context per syntax, as a PACS proposes: the file goes as stored, never converted.
+    for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+        ae.add_requested_context(CTImageStorage, syntax)
     assoc = ae.associate("127.0.0.1", port, ae_title=RECEIVER_AE)
     if assoc.is_rejected:
         return None

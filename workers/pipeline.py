@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pluggy
 
-from pacsfetch.errors import ErrorKind
+from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.metrics import NO_TRANSPORT, InstanceMeter
 from pacsfetch.models import JobRequest, Level, Progress
 from pacsfetch.plugins.contracts import IncomingInstance, InstanceIdentity, StoreSession, Verdict
@@ -64,6 +64,7 @@ class InstancePipeline:
         self.duplicates = 0
         self.store_failures = 0
         self.last_store_error: str | None = None
+        self.failed_stores: set[str] = set()
         self._meter = InstanceMeter(NO_TRANSPORT, request.source, sessions)
 
     def use_transport(self, name: str) -> None:
@@ -148,7 +149,10 @@ class InstancePipeline:
             for _, session, token in staged:
                 session.abort(token)
             self.store_failures += 1
-            self.last_store_error = f"store {name!r}: {type(exc).__name__}: {exc}"
+            self.failed_stores.add(name)
+            reason = (exc.message if isinstance(exc, RetrieveError)
+                      else f"{type(exc).__name__}: {exc}")
+            self.last_store_error = f"store {name!r}: {reason}"
             log.error("store failed", extra={"job_id": self._job_id, "store": name, "reason": str(exc)})
             return None
 
@@ -206,8 +210,9 @@ class InstancePipeline:
         """What this sink refused or failed to store, for the job's error text."""
         found = []
         if self.store_failures:
-            found.append((ErrorKind.STORE, f"{self.store_failures} instance(s) could not be stored "
-                          f"(last: {self.last_store_error})"))
+            names = ", ".join(repr(name) for name in sorted(self.failed_stores))
+            found.append((ErrorKind.STORE, f"{self.store_failures} instance(s) could not be stored, "
+                          f"failing store(s): {names} (last: {self.last_store_error})"))
         if self.refused:
             found.append((ErrorKind.PEER_STATUS, f"the PACS sent {self.refused} instance(s) the job "
                           "did not ask for; they were refused"))

@@ -85,19 +85,24 @@ class JobRunner:
         """Run one attempt; raises :class:`RetrieveError` only for retryable failures."""
         if request.source not in self.config.sources:
             return self._config_failure(f"unknown source {request.source!r}")
-        if request.store not in self.config.stores:
-            return self._config_failure(f"unknown store {request.store!r}")
+        unknown = [name for name in request.store_names if name not in self.config.stores]
+        if unknown:
+            return self._config_failure(f"unknown store {unknown[0]!r}")
         try:
             transports = self._transports(request)
         except RetrieveError as exc:
             return self._config_failure(exc.message)
-        backend = self.registry.store_backends[self.config.stores[request.store].plugin]
         with ExitStack() as stack:
-            session: StoreSession = backend.open(request.store, self.store_settings[request.store], job_id)
-            stack.callback(session.close)
-            spool = session.spool_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+            try:
+                sessions = self._open_stores(job_id, request, stack)
+            except RetrieveError as exc:
+                if exc.retryable:
+                    raise
+                return Outcome(JobStatus.FAILED, Progress(), None, exc.message, exc.kind.value)
+            spool = next((s.spool_dir for s in sessions.values() if s.spool_dir), None)
+            spool = spool or Path(stack.enter_context(tempfile.TemporaryDirectory()))
             pipeline = InstancePipeline(
-                job_id, request, {request.store: session}, state, self.registry.hooks.hook,
+                job_id, request, sessions, state, self.registry.hooks.hook,
                 spool, self.config.worker.progress_interval,
             )
             stack.enter_context(_spool_into(spool))
@@ -112,6 +117,26 @@ class JobRunner:
             finally:
                 pipeline.flush()
             return self._decide(result, used, notes, pipeline)
+
+    def _open_stores(self, job_id: str, request: JobRequest, stack: ExitStack) -> dict[str, StoreSession]:
+        """A session in every store of the job, each closed when the attempt ends.
+
+        A store that cannot be opened (bucket missing, credentials refused, root not
+        writable) fails the job before the PACS is asked for anything, naming the store.
+        """
+        sessions: dict[str, StoreSession] = {}
+        for name in request.store_names:
+            backend = self.registry.store_backends[self.config.stores[name].plugin]
+            try:
+                session = backend.open(name, self.store_settings[name], job_id)
+            except RetrieveError as exc:
+                raise RetrieveError(exc.kind, f"store {name!r}: {exc.message}") from None
+            except Exception as exc:  # a plugin's own error types: still the store's fault
+                raise RetrieveError(ErrorKind.STORE, f"store {name!r} could not be opened: "
+                                    f"{type(exc).__name__}: {exc}") from None
+            stack.callback(session.close)
+            sessions[name] = session
+        return sessions
 
     def _try_transports(
         self, job_id: str, request: JobRequest, transports: list[Transport],
@@ -164,7 +189,9 @@ class JobRunner:
     ) -> Outcome:
         progress = pipeline.progress
         problems = [text for _, text in pipeline.problems()] + result.problems
-        kind = result.problem_kind or next((k.value for k, _ in pipeline.problems()), None)
+        # When our own store refused instances, the PACS's failure counts are a consequence.
+        kind = (ErrorKind.STORE.value if pipeline.store_failures else result.problem_kind) or next(
+            (k.value for k, _ in pipeline.problems()), None)
         if result.cancelled:
             return Outcome(JobStatus.CANCELLED, progress, used, "cancelled by request",
                            "cancelled", tuple(notes))

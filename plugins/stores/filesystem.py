@@ -12,10 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import socket
-import string
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,15 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pacsfetch import hookimpl
 from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
-from pacsfetch.plugins.dicomfile import LAYOUT_ATTRIBUTES
+from pacsfetch.plugins.stores.layout import DEFAULT_LAYOUT, check_layout, render_layout
 
 log = logging.getLogger(__name__)
 
-DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
-LAYOUT_FIELDS = frozenset(LAYOUT_ATTRIBUTES) | {"TransferSyntaxUID"}
 CONTROL_DIR = ".pacsfetch"
 STALE_SPOOL_SECONDS = 24 * 3600
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 class FilesystemSettings(BaseModel):
@@ -54,28 +49,7 @@ class FilesystemSettings(BaseModel):
     @field_validator("layout")
     @classmethod
     def _valid_template(cls, value: str) -> str:
-        fields = []
-        for literal, name, spec, conversion in string.Formatter().parse(value):
-            if name is None:
-                continue
-            if name not in LAYOUT_FIELDS:
-                raise ValueError(
-                    f"unknown field {{{name}}}; allowed: {', '.join(sorted(LAYOUT_FIELDS))}"
-                )
-            if spec or conversion:
-                raise ValueError(f"field {{{name}}} may not carry a format spec or conversion")
-            fields.append(name)
-        if "SOPInstanceUID" not in fields:
-            raise ValueError("must contain {SOPInstanceUID}, or instances would overwrite each other")
-        if value.startswith("/") or any(part in ("", ".", "..") for part in value.split("/")):
-            raise ValueError("must be a relative path without empty, '.' or '..' segments")
-        return value
-
-
-def _safe_component(value: str) -> str:
-    """A header value made harmless as (part of) one path segment."""
-    cleaned = _UNSAFE.sub("_", value.strip())[:64].lstrip(".")
-    return cleaned or "unknown"
+        return check_layout(value)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -138,17 +112,7 @@ class FilesystemSession:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def _final_path(self, instance: IncomingInstance) -> Path:
-        identity = instance.identity
-        values = {name: _safe_component(v) for name, v in identity.attributes.items()}
-        # UIDs were validated by the sink; they are safe path segments as they are.
-        values.update(
-            StudyInstanceUID=identity.study_uid,
-            SeriesInstanceUID=identity.series_uid,
-            SOPInstanceUID=identity.sop_instance_uid,
-            SOPClassUID=identity.sop_class_uid,
-            TransferSyntaxUID=identity.transfer_syntax_uid,
-        )
-        relative = Path(self._settings.layout.format_map(_Missing(values)))
+        relative = Path(render_layout(self._settings.layout, instance.identity))
         final = self._root / relative
         if final.parent not in self._checked_dirs:
             self._make_dirs_inside_root(relative.parent)
@@ -219,13 +183,6 @@ class FilesystemSession:
         finally:
             self._manifest.close()
             shutil.rmtree(self._spool, ignore_errors=True)
-
-
-class _Missing(dict[str, str]):
-    """Template values; an attribute the instance lacks renders as ``unknown``."""
-
-    def __missing__(self, key: str) -> str:
-        return "unknown"
 
 
 class FilesystemBackend:
