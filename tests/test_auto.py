@@ -4,16 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytest
 from helpers import CALLING_AE
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from test_cget import run, stored_files
 from test_dicomweb import _root
 
-from pacsfetch.config import Config, ConfigError
+from pacsfetch.config import Config
 from pacsfetch.jobstore import JobStore, encode_notes
 from pacsfetch.models import JobRequest, JobStatus, TransportNote
-from pacsfetch.plugins.registry import get_registry
 from pacsfetch.sandbox.peers import Orthanc
 from pacsfetch.sandbox.samples import SampleStudy
 from pacsfetch.workers.runner import FALLBACK_KINDS
@@ -77,19 +75,6 @@ def test_next_transport_continues_where_the_first_stopped(
     assert outcome.transport_notes[0].error_kind in {k.value for k in FALLBACK_KINDS}
     assert len(stored_files(_root(config))) == len(mixed_study.instances)
     assert outcome.progress.completed == len(mixed_study.instances)
-
-
-def test_unregistered_c_move_in_transports_is_a_config_error_naming_the_key(
-    config_factory: Callable[..., Config], orthanc: Orthanc
-) -> None:
-    config = config_factory(extra_sources={"pacs": {
-        "ae_title": "PACS", "host": "127.0.0.1", "port": 104,
-        "transports": ["c-get", "c-move", "dicomweb"]}})
-    registry = get_registry()
-    if "c-move" in registry.transports:
-        pytest.skip("a C-MOVE transport is installed")
-    with pytest.raises(ConfigError, match=r"sources\.pacs\.transports\[1\]: no transport plugin named 'c-move'"):
-        registry.check_config(config)
 
 
 def test_move_destination_and_auth_failures_fall_back() -> None:
