@@ -8,9 +8,9 @@ from typing import Annotated
 from celery import Celery
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
-
 from pacsfetch.api.deps import get_celery, get_config, get_jobstore
 from pacsfetch.api.schemas import InstancePage, JobAccepted, JobPage, StoredInstance
+
 from pacsfetch.config import Config
 from pacsfetch.jobstore import JobNotFound, JobStore
 from pacsfetch.metrics import JOBS_SUBMITTED

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pacsfetch.plugins.contracts import Verdict
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
@@ -23,7 +24,6 @@ from pynetdicom.sop_class import Verification
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.metrics import ASSOCIATION_THROUGHPUT, ASSOCIATIONS_OPEN, ASSOCIATIONS_OPENED
-from pacsfetch.plugins.contracts import Verdict
 
 # Identifiers can carry patient data: keep them out of pynetdicom's own logs.
 _config.LOG_REQUEST_IDENTIFIERS = False

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import redis
 from helpers import WorkerProcess, make_config, write_toml
-
-from pacsfetch.config import Config, parse_config
 from pacsfetch.sandbox.peers import Orthanc, RedisServer, S3Server, free_port
 from pacsfetch.sandbox.samples import SampleStudy, generate_mixed_study, generate_uniform_study
+
+from pacsfetch.config import Config, parse_config
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
-
 from pacsfetch.sandbox.peers import Orthanc, free_port
 
 CALLING_AE = "PACSFETCH"

@@ -8,6 +8,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pacsfetch.plugins.registry import get_registry
+from pacsfetch.sandbox.peers import DcmQrScp, Orthanc
+from pacsfetch.sandbox.samples import SampleStudy
+from pacsfetch.workers.runner import JobRunner, Outcome
+from pacsfetch.workers.state import LocalJobState
 from pydicom import dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -17,11 +22,6 @@ from pydicom.uid import (
 
 from pacsfetch.config import Config
 from pacsfetch.models import JobRequest, JobStatus, Level
-from pacsfetch.plugins.registry import get_registry
-from pacsfetch.sandbox.peers import DcmQrScp, Orthanc
-from pacsfetch.sandbox.samples import SampleStudy
-from pacsfetch.workers.runner import JobRunner, Outcome
-from pacsfetch.workers.state import LocalJobState
 
 
 def dataset_bytes(part10: bytes) -> bytes:

@@ -17,25 +17,24 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
-
+from helpers import CALLING_AE, ReceiverProcess, WorkerProcess, make_config, wait_for, write_toml
 from pacsfetch.api.app import create_app
-from pacsfetch.config import Config, ConfigError, parse_config
-from pacsfetch.errors import RetrieveError
-from pacsfetch.jobstore import JobStore
-from pacsfetch.models import JobRequest, JobStatus, Level
-from pacsfetch.moves import MoveBook
 from pacsfetch.plugins.registry import get_registry
 from pacsfetch.sandbox.peers import DcmQrScp, Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.samples import SampleStudy, generate_uniform_study
 from pacsfetch.workers.receiver import MoveReceiver
 from pacsfetch.workers.runner import JobRunner, Outcome
 from pacsfetch.workers.state import LocalJobState
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
 
-from helpers import CALLING_AE, ReceiverProcess, WorkerProcess, make_config, wait_for, write_toml
+from pacsfetch.config import Config, ConfigError, parse_config
+from pacsfetch.errors import RetrieveError
+from pacsfetch.jobstore import JobStore
+from pacsfetch.models import JobRequest, JobStatus, Level
+from pacsfetch.moves import MoveBook
 
 RECEIVER_AE = "PACSFETCH"
 

@@ -12,15 +12,15 @@ from typing import Any
 
 import httpx
 import pytest
+from pacsfetch.sandbox.peers import Orthanc, free_port
+from pacsfetch.sandbox.samples import SampleStudy
+from pacsfetch.workers.state import LocalJobState
 from pydicom import dcmread
 from test_cget import dataset_bytes, run, stored_files
 
 from pacsfetch.config import Config, ConfigError
 from pacsfetch.errors import RetrieveError
 from pacsfetch.models import JobRequest, JobStatus, Level
-from pacsfetch.sandbox.peers import Orthanc, free_port
-from pacsfetch.sandbox.samples import SampleStudy
-from pacsfetch.workers.state import LocalJobState
 
 USER, PASSWORD_ENV = "pacsfetch", "PF_TEST_DICOMWEB_PASSWORD"
 
@@ -166,7 +166,7 @@ def failing_gateway() -> Iterator[str]:
     HTTP server answers every request with 500 Internal Server Error."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        def do_GET(self) -> None:
             self.send_response(500)
             self.send_header("Content-Length", "0")
             self.end_headers()

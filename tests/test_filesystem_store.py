@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from pacsfetch.plugins.contracts import IncomingInstance, InstanceIdentity
 from pacsfetch.plugins.stores.filesystem import FilesystemBackend, FilesystemSettings
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
+from pacsfetch.plugins.stores.layout import DEFAULT_LAYOUT, check_layout, render_layout
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pacsfetch import hookimpl
-from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
-from pacsfetch.plugins.stores.layout import DEFAULT_LAYOUT, check_layout, render_layout
 
 log = logging.getLogger(__name__)
 

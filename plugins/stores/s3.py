@@ -40,15 +40,17 @@ from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError as BotoConnectionError,
     NoCredentialsError,
 )
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
+)
+from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
+from pacsfetch.plugins.stores.layout import DEFAULT_LAYOUT, check_layout, render_layout
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
-from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
-from pacsfetch.plugins.stores.layout import DEFAULT_LAYOUT, check_layout, render_layout
 
 log = logging.getLogger(__name__)
 

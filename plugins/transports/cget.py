@@ -21,13 +21,29 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport, Verdict
+from pacsfetch.plugins.dimse import (
+    MAX_PRESENTATION_CONTEXTS,
+    STORE_STATUS,
+    associate,
+    status_hint,
+    sub_operation_counts,
+)
+from pacsfetch.plugins.transports.query import (
+    UIDS_PER_QUERY,
+    InstanceRef,
+    chunks,
+    find_instances,
+    retrieve_identifier,
+)
+from pacsfetch.plugins.transports.sopclasses import candidate_classes
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -45,22 +61,6 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import Level
-from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport, Verdict
-from pacsfetch.plugins.dimse import (
-    MAX_PRESENTATION_CONTEXTS,
-    STORE_STATUS,
-    associate,
-    status_hint,
-    sub_operation_counts,
-)
-from pacsfetch.plugins.transports.query import (
-    UIDS_PER_QUERY,
-    InstanceRef,
-    chunks,
-    find_instances,
-    retrieve_identifier,
-)
-from pacsfetch.plugins.transports.sopclasses import candidate_classes
 
 log = logging.getLogger(__name__)
 

@@ -17,14 +17,6 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from pydicom.dataset import Dataset
-from pynetdicom.association import Association
-from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
-
-from pacsfetch import hookimpl
-from pacsfetch.errors import ErrorKind, RetrieveError
-from pacsfetch.models import Level
 from pacsfetch.plugins.contracts import (
     MoveTracker,
     RetrieveContext,
@@ -39,6 +31,14 @@ from pacsfetch.plugins.transports.query import (
     find_instances,
     retrieve_identifier,
 )
+from pydicom.dataset import Dataset
+from pynetdicom.association import Association
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
+
+from pacsfetch import hookimpl
+from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.models import Level
 
 log = logging.getLogger(__name__)
 

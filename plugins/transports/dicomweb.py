@@ -22,6 +22,7 @@ from pathlib import Path
 
 import requests
 from dicomweb_client.api import DICOMwebClient
+from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
@@ -29,7 +30,6 @@ from pacsfetch import hookimpl
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import Level
-from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport
 from pacsfetch.uids import is_valid_uid
 
 log = logging.getLogger(__name__)

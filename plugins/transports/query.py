@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from pacsfetch.plugins.dimse import associate
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
@@ -19,7 +20,6 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import JobRequest, Level
-from pacsfetch.plugins.dimse import associate
 from pacsfetch.uids import is_valid_uid
 
 FIND_MODEL = StudyRootQueryRetrieveInformationModelFind
