@@ -78,6 +78,7 @@ def main() -> None:
                                     "transports": ["c-get"],
                                     "dicomweb_url": orthanc.dicomweb_url}},
             "stores": {"local": {"plugin": "filesystem", "root": str(work / "store")}},
+            "metrics": {"bind": "127.0.0.1", "worker_port": free_port()},
         }
         config_path = work / "pacsfetch.toml"
         config_path.write_text(tomli_w.dumps(config))
@@ -105,6 +106,11 @@ def main() -> None:
             print("  " + path.relative_to(work / "store").as_posix())
         if len(files) > 5:
             print(f"  ... and {len(files) - 5} more")
+        metrics_url = f"http://127.0.0.1:{config['metrics']['worker_port']}/metrics"
+        print(f"\nfrom the worker's metrics ({metrics_url}):")
+        for line in httpx.get(metrics_url).text.splitlines():
+            if line.startswith(("pacsfetch_instances_stored_total", "pacsfetch_jobs_finished_total")):
+                print("  " + line)
         sys.exit(submitted.returncode)
 
 

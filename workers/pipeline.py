@@ -65,11 +65,13 @@ class InstancePipeline:
         self.store_failures = 0
         self.last_store_error: str | None = None
         self.failed_stores: set[str] = set()
-        self._meter = InstanceMeter(NO_TRANSPORT, request.source, sessions)
+        self._meter: InstanceMeter | None = None
+        """Bound when a transport starts, so no empty series labelled "none" is exported."""
 
-    def use_transport(self, name: str) -> None:
+    def use_transport(self, name: str) -> InstanceMeter:
         """Count what arrives from now on under transport *name* (the runner's current one)."""
         self._meter = InstanceMeter(name, self._request.source, self._sessions)
+        return self._meter
 
     # InstanceSink -----------------------------------------------------------
     @property
@@ -83,13 +85,14 @@ class InstancePipeline:
             path.unlink(missing_ok=True)
 
     def _accept(self, path: Path, sop_class_uid: str, sop_instance_uid: str) -> Verdict:
+        meter = self._meter or self.use_transport(NO_TRANSPORT)
         size = path.stat().st_size
-        self._meter.received(size)
+        meter.received(size)
         verdict = self._check_and_store(path, size, sop_class_uid, sop_instance_uid)
         if verdict is Verdict.STORED:
-            self._meter.stored(size)
+            meter.stored(size)
         elif verdict is not Verdict.DUPLICATE:
-            self._meter.refused(verdict.value)
+            meter.refused(verdict.value)
         return verdict
 
     def _check_and_store(self, path: Path, size: int, sop_class_uid: str,
