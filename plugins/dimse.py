@@ -21,6 +21,7 @@ from pynetdicom.sop_class import Verification
 
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.plugins.dulpace import pace
 
 # Identifiers can carry patient data: keep them out of pynetdicom's own logs.
 _config.LOG_REQUEST_IDENTIFIERS = False
@@ -83,7 +84,12 @@ def associate(
     handlers: Iterable[Handler] = (),
     purpose: str = "retrieve",
 ) -> Association:
-    """Open an association or raise a :class:`RetrieveError` an operator can act on."""
+    """Open an association or raise a :class:`RetrieveError` an operator can act on.
+
+    The association's DUL thread is switched from polling to blocking waits
+    (:func:`~pacsfetch.plugins.dulpace.pace`): per-message latency, not bandwidth, limits
+    C-FIND and C-GET of many small instances.
+    """
     if len(contexts) > MAX_PRESENTATION_CONTEXTS:
         raise ValueError(f"{len(contexts)} presentation contexts exceed the limit of 128")
     ae = make_ae(source)
@@ -99,6 +105,7 @@ def associate(
         evt_handlers=[*watch.handlers(), *handlers],
     )
     if assoc.is_established:
+        pace(assoc)  # block on the socket instead of polling it: see plugins/dulpace.py
         return assoc
     if assoc.is_rejected:
         raise RetrieveError(
