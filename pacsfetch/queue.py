@@ -57,3 +57,11 @@ def make_celery(config: Config) -> Celery:
 def enqueue_retrieve(app: Celery, job_id: str, priority: int) -> None:
     """Put a recorded job on the queue."""
     app.send_task(RETRIEVE_TASK, args=[job_id], queue=QUEUE, priority=redis_priority(priority))
+
+
+def enqueue_retrieves(app: Celery, jobs: list[tuple[str, int]]) -> None:
+    """Put many recorded jobs (id, priority) on the queue over one broker connection."""
+    with app.producer_or_acquire() as producer:
+        for job_id, priority in jobs:
+            app.send_task(RETRIEVE_TASK, args=[job_id], queue=QUEUE,
+                          priority=redis_priority(priority), producer=producer)
