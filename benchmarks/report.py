@@ -72,8 +72,10 @@ def api_targets(api: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     if "sustained" in api:
         s = api["sustained"]
-        out.append({"target": "POST /jobs requests/s", "value": s["requests_per_s"],
-                    "goal": ">= 500", "met": s["requests_per_s"] >= 500})
+        kept_up = s["requests_per_s"] >= 0.95 * s["offered_per_s"] and not s["errors"]
+        out.append({"target": f"POST /jobs requests/s (offered {s['offered_per_s']:g}/s)",
+                    "value": s["requests_per_s"], "goal": ">= 500, no errors",
+                    "met": kept_up and s["offered_per_s"] >= 500})
         out.append({"target": "POST /jobs p99 (ms)", "value": s["p99_ms"], "goal": "< 50",
                     "met": s["p99_ms"] < 50})
     if "batch" in api:
