@@ -8,8 +8,8 @@ one (lower is better).
 from __future__ import annotations
 
 import json
-import platform
 import os
+import platform
 from pathlib import Path
 from typing import Any
 

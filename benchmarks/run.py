@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import apiload, report, tools
-from benchmarks.environment import FULL, QUICK, Environment
+from benchmarks.environment import FULL, QUICK, Environment, Plan
 from pacsfetch.plugins.registry import get_registry
 
 PARTS = ("tools", "nagle", "queued", "scaling", "api")
@@ -89,6 +89,7 @@ def run(workdir: Path, quick: bool, only: set[str]) -> dict[str, Any]:
         "mode": "quick" if quick else "full",
         "studies": {s.name: {"instances": s.n_instances, "rows": s.rows, "columns": s.columns,
                              "bits": 16} for s in plan.studies},
+        "transports": transports,
         "notes": notes,
         "measurements": [r.as_json() for r in rows],
         "api": api,
@@ -98,7 +99,7 @@ def run(workdir: Path, quick: bool, only: set[str]) -> dict[str, Any]:
     }
 
 
-def _api(env: Environment, plan: Any, runs: Path) -> dict[str, Any]:
+def _api(env: Environment, plan: Plan, runs: Path) -> dict[str, Any]:
     """API load on its own Redis database, without workers; the queue is emptied after."""
     import redis
 

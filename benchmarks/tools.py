@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,9 @@ STORE_NAME = "local"
 TOOL_TIMEOUT = 900.0
 
 #: Transports the harness knows how to point at an Orthanc: name -> extra source keys.
-#: Adding a transport (c-move, dicomweb) to the benchmark is one line here; a transport
-#: listed but not installed in this build is skipped with a note.
+#: Adding a transport (c-move once its destination keys exist) is one line here; a transport
+#: listed but not installed in this build is skipped with a note, and one installed but not
+#: listed is reported as such.
 TRANSPORT_SOURCE_KEYS: dict[str, Callable[[Orthanc], dict[str, Any]]] = {
     "c-get": lambda peer: {},
     "dicomweb": lambda peer: {"dicomweb_url": peer.dicomweb_url},
@@ -61,7 +62,6 @@ class Measurement:
     peak_tree_rss_mb: float | None = None
     first_instance_s: float | None = None
     note: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def instances_per_s(self) -> float:
@@ -184,8 +184,7 @@ class _FirstFile(threading.Thread):
 
     def run(self) -> None:
         while not self._done.is_set():
-            if any(p.suffix == ".dcm" for p in self._root.rglob("*.dcm")
-                   if ".pacsfetch" not in p.parts):
+            if any(".pacsfetch" not in p.parts for p in self._root.rglob("*.dcm")):
                 self.seen_at = time.perf_counter()
                 return
             self._done.wait(0.005)
