@@ -197,13 +197,15 @@ class _FirstFile(threading.Thread):
 class QueuedService:
     """``pacsfetch api`` and ``pacsfetch worker -c N`` as an operator runs them."""
 
-    def __init__(self, config: dict[str, Any], work: Path, label: str, workers: int) -> None:
+    def __init__(self, config: dict[str, Any], work: Path, label: str, workers: int,
+                 api_workers: int = 1) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = _env_with_config(config, work / f"{label}.toml")
         self._work = work
         self._label = label
         self._workers = workers
+        self._api_workers = api_workers
         self.api: subprocess.Popen[bytes] | None = None
         self.worker: subprocess.Popen[bytes] | None = None
 
@@ -213,7 +215,8 @@ class QueuedService:
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def start(self, *, with_worker: bool = True) -> None:
-        self.api = self._spawn(["api", "--port", str(self.port)], "api", self.env)
+        self.api = self._spawn(["api", "--port", str(self.port), "--workers",
+                                str(self._api_workers)], "api", self.env)
         if with_worker:
             self.worker = self._spawn(["worker", "-c", str(self._workers), "--loglevel", "INFO"],
                                       "worker", {**self.env, "PACSFETCH_LOG_LEVEL": "INFO"})
