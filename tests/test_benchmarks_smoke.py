@@ -26,7 +26,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
         cwd=ROOT, capture_output=True, text=True, timeout=240,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "pacsfetch / DCMTK getscu" in run.stdout  # the ratio table was printed
+    assert "pacsfetch one worker / DCMTK getscu" in run.stdout  # the ratio table was printed
     return json.loads(out.read_text())
 
 
@@ -74,7 +74,7 @@ def test_api_load_and_batch_completed_without_errors(results: dict) -> None:
 
 def test_targets_are_evaluated(results: dict) -> None:
     names = " | ".join(t["target"] for t in results["targets"])
-    for expected in ("small: pacsfetch / pynetdicom getscu", "large: pacsfetch / DCMTK getscu",
+    for expected in ("small: pacsfetch one worker / pynetdicom getscu", "large: pacsfetch inline / DCMTK getscu",
                      "Nagle-on / Nagle-off", "worker peak RSS", "POST /jobs", "batch of"):
         assert expected in names
     # Transports known to the harness but not installed are skipped with a note, not lost.
