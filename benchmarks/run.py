@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     workdir = args.workdir.absolute()
+    # A terminated run still stops the peers it started (the with-blocks unwind).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     results = run(workdir, args.quick, only)
     rows = results.pop("_rows")
     print()
