@@ -7,8 +7,8 @@ whatever the size of the pixel data.
 This runs once per received instance, so the common case (little-endian data sets whose
 header elements before Instance Number have defined lengths) is read by a small scanner
 over the first bytes of the file; anything else (deflated or big-endian data sets,
-undefined-length sequences before Instance Number, a header beyond the first
-:data:`HEAD_BYTES`) falls back to pydicom. Both give the same identity.
+undefined-length sequences before Instance Number, non-ASCII values, a header beyond the
+first :data:`HEAD_BYTES`) falls back to pydicom. Both give the same identity.
 """
 
 from __future__ import annotations
@@ -108,6 +108,8 @@ def _scan(path: Path) -> tuple[str, dict[str, str]]:
     for tag, value in elements:
         keyword = _WANTED.get(tag)
         if keyword is not None:
+            if not value.isascii():  # decoding depends on Specific Character Set: pydicom's job
+                raise _Fallback
             text = _text(value)
             if text:
                 found[keyword] = text

@@ -53,3 +53,17 @@ def test_malformed_uid_is_unreadable(tmp_path: Path, mixed_study: SampleStudy) -
     path.write_bytes(bad)
     with pytest.raises(UnreadableInstance, match="SOPInstanceUID"):
         read_identity(path)
+
+
+def test_non_ascii_values_are_decoded_by_pydicom(tmp_path: Path) -> None:
+    import pydicom
+
+    study = generate_uniform_study(tmp_path / "s", n_instances=1, rows=8, columns=8)
+    ds = pydicom.dcmread(study.instances[0].path)
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.PatientID = "Åsa-Ö-1"
+    path = tmp_path / "utf8.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    identity = read_identity(path)
+    assert identity == read_identity_pydicom(path)
+    assert identity.attributes["PatientID"] == "Åsa-Ö-1"
