@@ -9,13 +9,20 @@ from celery import Celery
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 from pacsfetch.api.deps import get_celery, get_config, get_jobstore
-from pacsfetch.api.schemas import InstancePage, JobAccepted, JobPage, StoredInstance
+from pacsfetch.api.schemas import (
+    InstancePage,
+    JobAccepted,
+    JobBatch,
+    JobBatchAccepted,
+    JobPage,
+    StoredInstance,
+)
 
 from pacsfetch.config import Config
 from pacsfetch.jobstore import JobNotFound, JobStore
 from pacsfetch.metrics import JOBS_SUBMITTED
 from pacsfetch.models import JobRecord, JobRequest, JobStatus
-from pacsfetch.queue import enqueue_retrieve
+from pacsfetch.queue import enqueue_retrieve, enqueue_retrieves
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -24,29 +31,31 @@ StoreDep = Annotated[JobStore, Depends(get_jobstore)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 
 
-def _field_error(field: str, message: str, kind: str) -> RequestValidationError:
-    return RequestValidationError([{"loc": ("body", field), "msg": message, "type": kind}])
+def _field_error(field: str, message: str, kind: str,
+                 where: tuple[str | int, ...] = ("body",)) -> RequestValidationError:
+    return RequestValidationError([{"loc": (*where, field), "msg": message, "type": kind}])
 
 
-def check_against_config(request: JobRequest, config: Config) -> None:
+def check_against_config(request: JobRequest, config: Config,
+                         where: tuple[str | int, ...] = ("body",)) -> None:
     """Refuse names the configuration does not define, naming the field (422)."""
     source = config.sources.get(request.source)
     if source is None:
         raise _field_error("source", f"unknown source {request.source!r}; configured: "
-                           f"{', '.join(sorted(config.sources)) or 'none'}", "unknown_source")
+                           f"{', '.join(sorted(config.sources)) or 'none'}", "unknown_source", where)
     configured = ', '.join(sorted(config.stores)) or 'none'
     if request.store is not None and request.store not in config.stores:
         raise _field_error("store", f"unknown store {request.store!r}; configured: {configured}",
-                           "unknown_store")
+                           "unknown_store", where)
     for i, name in enumerate(request.stores or ()):
         if name not in config.stores:
             raise RequestValidationError([{
-                "loc": ("body", "stores", i), "type": "unknown_store",
+                "loc": (*where, "stores", i), "type": "unknown_store",
                 "msg": f"unknown store {name!r}; configured: {configured}"}])
     if request.transport != "auto" and request.transport not in source.transports:
         raise _field_error("transport", f"source {request.source!r} does not offer transport "
                            f"{request.transport!r}; it offers: auto, {', '.join(source.transports)}",
-                           "unknown_transport")
+                           "unknown_transport", where)
 
 
 def _job(store: JobStore, job_id: str) -> JobRecord:
@@ -72,6 +81,28 @@ def submit_job(request: JobRequest, response: Response, config: ConfigDep, store
     JOBS_SUBMITTED.labels(request.source, request.transport, request.store).inc()
     response.headers["Location"] = f"/jobs/{record.id}"
     return JobAccepted(id=record.id, status=record.status)
+
+
+@router.post("/batch", status_code=status.HTTP_202_ACCEPTED, response_model=JobBatchAccepted,
+             responses={422: {"description": "An entry is invalid; `detail[].loc` names its "
+                              "index and field (`body.jobs.3.study_uid`); nothing was recorded."}})
+def submit_jobs(batch: JobBatch, config: ConfigDep, store: StoreDep,
+                celery: CeleryDep) -> JobBatchAccepted:
+    """Record and enqueue many jobs in one call (one Redis round trip to record them).
+
+    Every entry is checked before anything is recorded: one bad entry refuses the batch.
+    """
+    for index, request in enumerate(batch.jobs):
+        check_against_config(request, config, ("body", "jobs", index))
+    records = store.create_many(batch.jobs)
+    try:
+        enqueue_retrieves(celery, [(r.id, r.request.priority) for r in records])
+    except Exception as exc:
+        for record in records:
+            store.transition(record.id, JobStatus.FAILED, error=f"could not enqueue: {exc}",
+                             error_kind="queue")
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the queue is unavailable") from None
+    return JobBatchAccepted(jobs=[JobAccepted(id=r.id, status=r.status) for r in records])
 
 
 @router.get("", response_model=JobPage)

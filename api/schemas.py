@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from pacsfetch.models import JobRecord, JobStatus
+from pacsfetch.models import JobRecord, JobRequest, JobStatus
+
+MAX_BATCH = 1000
+"""Jobs per ``POST /jobs/batch``: large enough to enqueue 10,000 in a few calls, small
+enough that one request's validation and Redis round trip stay well under a second."""
 
 
 class JobAccepted(BaseModel):
     id: str
     status: JobStatus
+
+
+class JobBatch(BaseModel):
+    """Several jobs submitted together: all are recorded and enqueued, or none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[JobRequest] = Field(min_length=1, max_length=MAX_BATCH)
+
+
+class JobBatchAccepted(BaseModel):
+    jobs: list[JobAccepted] = Field(description="In the order submitted.")
 
 
 class JobPage(BaseModel):

@@ -112,7 +112,9 @@ def _load():  # type: ignore[no-untyped-def]
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def api(host: str, port: int) -> None:
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1),
+              help="API processes; one spends about 2 ms of CPU per POST /jobs.")
+def api(host: str, port: int, workers: int) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     import uvicorn
 
@@ -125,7 +127,11 @@ def api(host: str, port: int) -> None:
         app = create_app(config)
     except ConfigError as exc:
         _fail(f"configuration error: {exc}")
-    uvicorn.run(app, host=host, port=port, log_config=None)
+    if workers == 1:
+        uvicorn.run(app, host=host, port=port, log_config=None)
+    else:  # each process builds its own app from the (now validated) config
+        uvicorn.run("pacsfetch.api.app:create_app", factory=True, workers=workers, host=host,
+                    port=port, log_config=None)
 
 
 @main.command()

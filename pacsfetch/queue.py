@@ -70,5 +70,19 @@ def make_celery(config: Config) -> Celery:
 
 
 def enqueue_retrieve(app: Celery, job_id: str, priority: int) -> None:
-    """Put a recorded job on the queue."""
-    app.send_task(RETRIEVE_TASK, args=[job_id], queue=QUEUE, priority=redis_priority(priority))
+    """Put a recorded job on the queue.
+
+    ``ignore_result``: job state lives in the job store, and without it Celery subscribes to
+    (and later unsubscribes from) a result channel per task, tripling the Redis round trips
+    of ``POST /jobs``."""
+    app.send_task(RETRIEVE_TASK, args=[job_id], queue=QUEUE, priority=redis_priority(priority),
+                  ignore_result=True)
+
+
+def enqueue_retrieves(app: Celery, jobs: list[tuple[str, int]]) -> None:
+    """Put many recorded jobs (id, priority) on the queue over one broker connection."""
+    with app.producer_or_acquire() as producer:
+        for job_id, priority in jobs:
+            app.send_task(RETRIEVE_TASK, args=[job_id], queue=QUEUE,
+                          priority=redis_priority(priority), producer=producer,
+                          ignore_result=True)

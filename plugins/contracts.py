@@ -183,7 +183,12 @@ class StoreSession(Protocol):
         ...
 
     def commit(self, staged: Any) -> str:
-        """Make a staged instance visible; returns where it now is (path, key, AE)."""
+        """Make a staged instance visible; returns where it is (path, key, AE).
+
+        A store may finish the work in the background (the filesystem store fsyncs, then
+        renames), but the instance must be whole whenever it is visible, and visible once
+        :meth:`sync` returns.
+        """
         ...
 
     def abort(self, staged: Any) -> None:
@@ -191,7 +196,7 @@ class StoreSession(Protocol):
         ...
 
     def sync(self) -> None:
-        """Make every commit so far durable (called before the job records them)."""
+        """Make every commit so far visible and durable (called before the job records them)."""
         ...
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ from pynetdicom.sop_class import Verification
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.metrics import ASSOCIATION_THROUGHPUT, ASSOCIATIONS_OPEN, ASSOCIATIONS_OPENED
+from pacsfetch.plugins.dulpace import pace
 
 # Identifiers can carry patient data: keep them out of pynetdicom's own logs.
 _config.LOG_REQUEST_IDENTIFIERS = False
@@ -139,6 +140,10 @@ def associate(
     *source_name* (the ``[sources.NAME]`` of *source*) and *purpose* (a DICOM service name
     such as ``C-GET``) label the association metrics, so both must come from the config or
     the code, never from the network.
+
+    The association's DUL thread is switched from polling to blocking waits
+    (:func:`~pacsfetch.plugins.dulpace.pace`): per-message latency, not bandwidth, limits
+    C-FIND and C-GET of many small instances.
     """
     if len(contexts) > MAX_PRESENTATION_CONTEXTS:
         raise ValueError(f"{len(contexts)} presentation contexts exceed the limit of 128")
@@ -156,6 +161,7 @@ def associate(
         evt_handlers=[*watch.handlers(), *meter.handlers(), *handlers],
     )
     if assoc.is_established:
+        pace(assoc)  # block on the socket instead of polling it: see plugins/dulpace.py
         return assoc
     if assoc.is_rejected:
         raise RetrieveError(

@@ -36,6 +36,7 @@ def test_write_is_invisible_until_commit(tmp_path: Path) -> None:
     assert not final.exists()
     assert staged.temp.exists() and staged.temp.is_relative_to(root / ".pacsfetch")
     assert session.commit(staged) == f"{STUDY}/{SERIES}/{SOP}.dcm"
+    session.sync()  # fsync, then rename: in place once sync returns
     assert final.read_bytes() == b"DICM-ish payload"
     session.close()
     assert not any((root / ".pacsfetch" / "spool").iterdir())

@@ -1,8 +1,13 @@
 """The filesystem store: one file per instance under ``root``, laid out by a template.
 
-Writes are atomic: an instance is staged under ``root/.pacsfetch/spool``, fsynced, then
-renamed into place, so a reader never sees half a file and a crash leaves only spool
-litter that the next session sweeps. The same SOP instance delivered twice is one file.
+Writes are atomic and durable in the classic order: an instance is staged under
+``root/.pacsfetch/spool``, fsynced, and only then renamed into place, so neither a reader nor
+a power loss ever sees half a file, and a crash leaves only spool litter that the next
+session sweeps. With ``fsync`` on, the fsync and rename of a committed instance run on a
+background thread (fsync releases the GIL), so receiving the next instance never waits for
+the disk, which would cost more than the whole rest of storing an instance;
+:meth:`FilesystemSession.sync` waits for them, fsyncs the directories, and the job records
+instances only after it returns. The same SOP instance delivered twice is one file.
 Every path is built from validated UIDs and sanitised header values and checked to stay
 inside ``root`` (symlinks included) before anything is written.
 """
@@ -12,8 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import re
 import shutil
 import socket
+import string
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,7 +48,7 @@ class FilesystemSettings(BaseModel):
 
     root: Path = Field(description="Directory that holds the store; created if missing.")
     layout: str = Field(DEFAULT_LAYOUT, description="Path template below root.")
-    fsync: bool = Field(True, description="fsync each file and directory before it is recorded.")
+    fsync: bool = Field(True, description="fsync files and directories before they are recorded.")
 
     @field_validator("root")
     @classmethod
@@ -70,6 +79,54 @@ class _Staged:
     size: int
 
 
+class _Syncer(threading.Thread):
+    """fsyncs committed files, then renames them into place, in the background.
+
+    :meth:`wait` returns once every submitted file is durable and visible.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True, name="fsync")
+        self._paths: queue.Queue[tuple[Path, Path] | None] = queue.Queue()
+        self._error: OSError | None = None
+
+    def submit(self, temp: Path, final: Path) -> None:
+        self._paths.put((temp, final))
+
+    def run(self) -> None:
+        while True:
+            item = self._paths.get()
+            try:
+                if item is None:
+                    return
+                temp, final = item
+                _fsync(temp)
+                os.replace(temp, final)
+            except OSError as exc:
+                self._error = self._error or exc
+            finally:
+                self._paths.task_done()
+
+    def wait(self) -> None:
+        """Block until every submitted file is in place; raise the first failure."""
+        self._paths.join()
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def stop(self) -> None:
+        self._paths.put(None)
+        self.join()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class FilesystemSession:
     """One job writing into one filesystem store."""
 
@@ -89,6 +146,10 @@ class FilesystemSession:
         self._manifest: IO[str] = open(control / "jobs" / f"{job_id}.jsonl", "a", encoding="utf-8")
         self._checked_dirs: set[Path] = set()
         self._dirty_dirs: set[Path] = set()
+        self._syncer: _Syncer | None = None
+        if settings.fsync:
+            self._syncer = _Syncer()
+            self._syncer.start()
 
     @property
     def spool_dir(self) -> Path:
@@ -144,17 +205,14 @@ class FilesystemSession:
             os.link(instance.path, temp)
         except OSError:  # another filesystem, or links not allowed: copy instead
             shutil.copyfile(instance.path, temp)
-        if self._settings.fsync:
-            fd = os.open(temp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
         return _Staged(temp, final, instance.identity.sop_instance_uid, instance.size)
 
     def commit(self, staged: _Staged) -> str:
-        os.replace(staged.temp, staged.final)
-        self._dirty_dirs.add(staged.final.parent)
+        if self._syncer is None:
+            os.replace(staged.temp, staged.final)
+        else:
+            self._syncer.submit(staged.temp, staged.final)
+            self._dirty_dirs.add(staged.final.parent)
         relative = staged.final.relative_to(self._root).as_posix()
         self._manifest.write(
             json.dumps({"sop_instance_uid": staged.sop_instance_uid, "path": relative,
@@ -166,21 +224,21 @@ class FilesystemSession:
         staged.temp.unlink(missing_ok=True)
 
     def sync(self) -> None:
+        if self._syncer is not None:
+            self._syncer.wait()
         self._manifest.flush()
-        if not self._settings.fsync:
+        if self._syncer is None:
             return
         for directory in self._dirty_dirs:
-            fd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(directory)
         self._dirty_dirs.clear()
 
     def close(self) -> None:
         try:
             self.sync()
         finally:
+            if self._syncer is not None:
+                self._syncer.stop()
             self._manifest.close()
             shutil.rmtree(self._spool, ignore_errors=True)
 

@@ -1,0 +1,125 @@
+"""Ratios against the targets of issue #5, a printed table, and the JSON results file.
+
+Ratios are throughput ratios from one run (higher is better for pacsfetch), except the
+Nagle ratio, which is time against the Nagle-on Orthanc over time against the Nagle-off
+one (lower is better).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from benchmarks.tools import Measurement
+
+
+def _find(rows: list[Measurement], **match: Any) -> Measurement | None:
+    for row in rows:
+        if all(getattr(row, k) == v for k, v in match.items()):
+            return row
+    return None
+
+
+def _ratio(a: Measurement | None, b: Measurement | None) -> float | None:
+    if a is None or b is None or not b.instances_per_s:
+        return None
+    return round(a.instances_per_s / b.instances_per_s, 2)
+
+
+def ratios(rows: list[Measurement], transport: str = "c-get") -> list[dict[str, Any]]:
+    """Each target of the issue with the measured value and whether it holds."""
+    out: list[dict[str, Any]] = []
+
+    def target(name: str, value: float | None, ok: bool | None, goal: str) -> None:
+        out.append({"target": name, "value": value, "goal": goal, "met": ok})
+
+    for study in ("small", "large"):
+        pynetdicom = _find(rows, tool="pynetdicom-getscu", study=study, peer="nodelay")
+        dcmtk = _find(rows, tool="dcmtk-getscu", study=study, peer="nodelay")
+        # "One worker": a job on one warm worker process (the contract), and the inline
+        # command, which also pays interpreter start-up like the getscu apps do.
+        for label, ours in (
+            ("one worker", _find(rows, tool="pacsfetch-queued", study=study, workers=1,
+                                 transport=transport)),
+            ("inline", _find(rows, tool="pacsfetch-inline", study=study, peer="nodelay",
+                             transport=transport)),
+        ):
+            vs_py, vs_dcmtk = _ratio(ours, pynetdicom), _ratio(ours, dcmtk)
+            target(f"{study}: pacsfetch {label} / pynetdicom getscu", vs_py,
+                   None if vs_py is None else vs_py >= 3, ">= 3")
+            target(f"{study}: pacsfetch {label} / DCMTK getscu", vs_dcmtk,
+                   None if vs_dcmtk is None or study != "large" else vs_dcmtk >= 0.5,
+                   ">= 0.5" if study == "large" else "(reported)")
+        on = _find(rows, tool="pacsfetch-inline", study=study, peer="nagle", transport=transport)
+        off = _find(rows, tool="pacsfetch-inline", study=study, peer="nodelay",
+                    transport=transport)
+        nagle = None if on is None or off is None else round(on.seconds / off.seconds, 2)
+        target(f"{study}: time Nagle-on / Nagle-off (pacsfetch)", nagle,
+               None if nagle is None else nagle <= 1.5, "<= 1.5")
+    large = _find(rows, tool="pacsfetch-queued", study="large", workers=1)
+    small = _find(rows, tool="pacsfetch-queued", study="small", workers=1)
+    if large and large.peak_rss_mb is not None:
+        target("worker peak RSS, large study (MB)", round(large.peak_rss_mb, 1),
+               large.peak_rss_mb < 250, "< 250")
+    if large and small and large.peak_rss_mb and small.peak_rss_mb:
+        growth = round(large.peak_rss_mb / small.peak_rss_mb, 2)
+        target("worker peak RSS large / small study", growth, growth <= 1.25, "~1 (<= 1.25)")
+    dcmtk_small = _find(rows, tool="dcmtk-getscu", study="small", peer="nodelay")
+    for row in rows:
+        if row.tool == "pacsfetch-queued" and row.study == "scaling" and dcmtk_small:
+            value = _ratio(row, dcmtk_small)
+            target(f"scaling, {row.workers} worker(s) / DCMTK getscu small (stretch)", value,
+                   None if value is None else value > 1, "> 1")
+    return out
+
+
+def api_targets(api: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    if "sustained" in api:
+        s = api["sustained"]
+        kept_up = s["requests_per_s"] >= 0.95 * s["offered_per_s"] and not s["errors"]
+        out.append({"target": f"POST /jobs requests/s (offered {s['offered_per_s']:g}/s)",
+                    "value": s["requests_per_s"], "goal": ">= 500, no errors",
+                    "met": kept_up and s["offered_per_s"] >= 500})
+        out.append({"target": "POST /jobs p99 (ms)", "value": s["p99_ms"], "goal": "< 50",
+                    "met": s["p99_ms"] < 50})
+    if "batch" in api:
+        b = api["batch"]
+        out.append({"target": f"batch of {b['jobs']} jobs enqueued (s)", "value": b["seconds"],
+                    "goal": "< 30", "met": b["seconds"] < 30 and b["accepted"] == b["jobs"]})
+    return out
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "system": f"{platform.system()} {platform.release()}", "machine": platform.machine()}
+
+
+def table(rows: list[Measurement]) -> str:
+    header = (f"{'tool':<20} {'transport':<9} {'study':<8} {'peer':<8} {'wk':>2} "
+              f"{'inst':>10} {'s':>8} {'inst/s':>8} {'MB/s':>7} {'RSS MB':>7} {'1st s':>6}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r.tool:<20} {r.transport or '-':<9} {r.study:<8} {r.peer:<8} {r.workers:>2} "
+            f"{f'{r.instances}/{r.expected}':>10} {r.seconds:>8.2f} {r.instances_per_s:>8.1f} "
+            f"{r.mb_per_s:>7.1f} {(r.peak_rss_mb or 0):>7.1f} "
+            f"{'' if r.first_instance_s is None else f'{r.first_instance_s:.2f}':>6}"
+            + (f"  {r.note}" if r.note else ""))
+    return "\n".join(lines)
+
+
+def targets_table(targets: list[dict[str, Any]]) -> str:
+    lines = []
+    for t in targets:
+        mark = {True: "met", False: "NOT met", None: "-"}[t["met"]]
+        lines.append(f"{t['target']:<58} {str(t['value']):>8}  goal {t['goal']:<12} {mark}")
+    return "\n".join(lines)
+
+
+def write(path: Path, results: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
