@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from fastapi import Depends, FastAPI, status
 from fastapi.responses import JSONResponse
+
+from pacsfetch import __version__
 from pacsfetch.api import jobs, metrics, sources
 from pacsfetch.api.auth import TOKEN_ENV, api_token, require_token
 from pacsfetch.api.schemas import Health
-
-from pacsfetch import __version__
 from pacsfetch.config import Config, ConfigError, load_config
 from pacsfetch.jobstore import JobStore
 from pacsfetch.queue import make_celery

@@ -8,6 +8,7 @@ from typing import Annotated
 from celery import Celery
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
+
 from pacsfetch.api.deps import get_celery, get_config, get_jobstore
 from pacsfetch.api.schemas import (
     InstancePage,
@@ -17,7 +18,6 @@ from pacsfetch.api.schemas import (
     JobPage,
     StoredInstance,
 )
-
 from pacsfetch.config import Config
 from pacsfetch.jobstore import JobNotFound, JobStore
 from pacsfetch.metrics import JOBS_SUBMITTED

@@ -7,9 +7,9 @@ from typing import Annotated
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
 from fastapi import APIRouter, Depends, HTTPException, Query, status
+
 from pacsfetch.api.deps import get_celery, get_config
 from pacsfetch.api.schemas import EchoReply, SourceInfo
-
 from pacsfetch.config import Config
 from pacsfetch.queue import ECHO_TASK, FIND_STUDIES_TASK, QUEUE
 from pacsfetch.studyquery import StudyList, StudyQuery

@@ -33,6 +33,7 @@ from prometheus_client.metrics_core import Metric
 
 from pacsfetch.config import ConfigError, MetricsConfig
 from pacsfetch.metrics_dir import MULTIPROC_ENV
+from pacsfetch.procs import pid_alive
 
 NO_TRANSPORT = "none"
 """Transport label of a job that ended before any transport ran (bad config, crash)."""
@@ -189,19 +190,9 @@ class _LiveProcessCollector(multiprocess.MultiProcessCollector):
     def collect(self) -> Iterable[Metric]:
         for path in Path(os.environ[MULTIPROC_ENV]).glob("gauge_live*_*.db"):
             pid = path.stem.rpartition("_")[2]
-            if pid.isdigit() and not _alive(int(pid)):
+            if pid.isdigit() and not pid_alive(int(pid)):
                 multiprocess.mark_process_dead(int(pid))
         return super().collect()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def serving_registry() -> CollectorRegistry:

@@ -16,10 +16,10 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from pacsfetch.plugins.contracts import InstanceIdentity
 from pydicom.filereader import read_partial
 from pydicom.tag import Tag
 
+from pacsfetch.plugins.contracts import InstanceIdentity
 from pacsfetch.uids import check_uid
 
 LAYOUT_ATTRIBUTES = (

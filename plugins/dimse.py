@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from pacsfetch.plugins.contracts import Verdict
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
@@ -24,6 +23,7 @@ from pynetdicom.sop_class import Verification
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.metrics import ASSOCIATION_THROUGHPUT, ASSOCIATIONS_OPEN, ASSOCIATIONS_OPENED
+from pacsfetch.plugins.contracts import Verdict
 from pacsfetch.plugins.dulpace import pace
 
 # Identifiers can carry patient data: keep them out of pynetdicom's own logs.
@@ -271,3 +271,20 @@ def status_hint(code: int | None) -> str:
     if 0xC000 <= code <= 0xCFFF:
         return " (the PACS was unable to process the request)"
     return ""
+
+
+@dataclass
+class SubOperations:
+    """Sub-operation counters summed over the C-GETs or C-MOVEs of one attempt, and what
+    the transport found wrong, for the job's error."""
+
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    problems: list[str] = field(default_factory=list)
+    problem_kind: ErrorKind | None = None
+    cancelled: bool = False
+
+    def problem(self, kind: ErrorKind, text: str) -> None:
+        self.problem_kind = self.problem_kind or kind
+        self.problems.append(text)

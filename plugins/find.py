@@ -15,14 +15,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import date
 
-from pacsfetch.plugins.dimse import associate
-from pacsfetch.plugins.transports.query import FIND_MODEL
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.plugins.dimse import associate
+from pacsfetch.plugins.transports.query import FIND_MODEL
 from pacsfetch.studyquery import (
     StudyList,
     StudyQuery,

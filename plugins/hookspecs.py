@@ -11,10 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pluggy
-from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend, Transport
 
 from pacsfetch import PROJECT_NAME
 from pacsfetch.models import JobRecord
+from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend, Transport
 
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
 

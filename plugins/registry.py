@@ -7,12 +7,12 @@ from dataclasses import dataclass
 from functools import cache
 
 import pluggy
-from pacsfetch.plugins import hookspecs
-from pacsfetch.plugins.contracts import StoreBackend, Transport
 from pydantic import BaseModel, ValidationError
 
 from pacsfetch import PROJECT_NAME
 from pacsfetch.config import Config, ConfigError, describe_validation_error
+from pacsfetch.plugins import hookspecs
+from pacsfetch.plugins.contracts import StoreBackend, Transport
 
 log = logging.getLogger(__name__)
 

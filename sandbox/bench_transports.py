@@ -22,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+
+from pacsfetch.config import parse_config
+from pacsfetch.models import JobRequest, JobStatus
 from pacsfetch.plugins.registry import get_registry
 from pacsfetch.sandbox.peers import Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.samples import generate_uniform_study
 from pacsfetch.workers.runner import JobRunner
 from pacsfetch.workers.state import LocalJobState
-
-from pacsfetch.config import parse_config
-from pacsfetch.models import JobRequest, JobStatus
 
 
 def _config(redis_url: str, orthanc: Orthanc, receiver_port: int, store: Path) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 import tomli_w
+
 from pacsfetch.sandbox.peers import Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.samples import generate_mixed_study
 

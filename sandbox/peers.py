@@ -26,6 +26,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import httpx
+
 from pacsfetch.sandbox.samples import SampleStudy
 
 __all__ = ["DcmQrScp", "Orthanc", "Prometheus", "RedisServer", "S3Server", "StoreScp", "free_port"]

@@ -12,14 +12,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from pacsfetch.config import parse_config
+from pacsfetch.models import JobRequest, JobStatus
 from pacsfetch.plugins.registry import get_registry
 from pacsfetch.sandbox.peers import Orthanc
 from pacsfetch.sandbox.samples import generate_uniform_study
 from pacsfetch.workers.runner import JobRunner
 from pacsfetch.workers.state import LocalJobState
-
-from pacsfetch.config import parse_config
-from pacsfetch.models import JobRequest, JobStatus
 
 
 def main(n_instances: int) -> None:

@@ -6,6 +6,8 @@ test session by :mod:`pacsfetch.sandbox.peers` and stopped at the end.
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +15,10 @@ from typing import Any
 import pytest
 import redis
 from helpers import WorkerProcess, make_config, write_toml
-from pacsfetch.sandbox.peers import Orthanc, RedisServer, S3Server, free_port
-from pacsfetch.sandbox.samples import SampleStudy, generate_mixed_study, generate_uniform_study
 
 from pacsfetch.config import Config, parse_config
+from pacsfetch.sandbox.peers import Orthanc, RedisServer, S3Server, free_port
+from pacsfetch.sandbox.samples import SampleStudy, generate_mixed_study, generate_uniform_study
 
 
 @pytest.fixture(scope="session")
@@ -99,3 +101,29 @@ def aws_credentials(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3S
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_access_key)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     return s3_server
+
+
+@pytest.fixture(scope="module")
+def silent_port() -> Iterator[int]:
+    """A port that accepts TCP connections and never says a word: not a DICOM port, or a
+    destination behind a firewall that lets the SYN through and drops the rest."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in accepted:
+        conn.close()
+    server.close()

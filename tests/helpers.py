@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import tomli_w
+
 from pacsfetch.sandbox.peers import Orthanc, free_port
 
 CALLING_AE = "PACSFETCH"
@@ -51,31 +52,30 @@ def write_toml(data: dict[str, Any], path: Path) -> Path:
     return path
 
 
-class WorkerProcess:
-    """``pacsfetch worker`` in a subprocess, as an operator runs it."""
+class CliProcess:
+    """A ``pacsfetch`` command in a subprocess, as an operator runs it; ready on a log line."""
 
-    def __init__(self, config_path: Path, log_path: Path, concurrency: int = 1) -> None:
+    name = "pacsfetch"
+    ready_marker = b""
+
+    def __init__(self, args: list[str], config_path: Path, log_path: Path) -> None:
         env = {**os.environ, "PACSFETCH_CONFIG": str(config_path), "PACSFETCH_LOG_LEVEL": "INFO"}
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pacsfetch", "worker", "-c", str(concurrency)],
+            [sys.executable, "-m", "pacsfetch", *args],
             env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
-
-    def children(self) -> list[int]:
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-        return [int(pid) for pid in out.stdout.split()]
 
     def wait_ready(self, timeout: float = 30) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"worker exited:\n{self.log_path.read_text()[-3000:]}")
-            if b"ready." in self.log_path.read_bytes():
+                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+            if self.ready_marker in self.log_path.read_bytes():
                 return
-            time.sleep(0.1)
-        raise RuntimeError(f"worker not ready:\n{self.log_path.read_text()[-3000:]}")
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not ready:\n{self.log_path.read_text()[-3000:]}")
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -86,6 +86,31 @@ class WorkerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self._log.close()
+
+
+class WorkerProcess(CliProcess):
+    """``pacsfetch worker``: ready once Celery says so."""
+
+    name = "worker"
+    ready_marker = b"ready."
+
+    def __init__(self, config_path: Path, log_path: Path, concurrency: int = 1) -> None:
+        super().__init__(["worker", "-c", str(concurrency)], config_path, log_path)
+
+    def children(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(pid) for pid in out.stdout.split()]
+
+
+class ReceiverProcess(CliProcess):
+    """``pacsfetch receiver``: ready once it listens on *port*."""
+
+    name = "receiver"
+    ready_marker = b"receiver listening"
+
+    def __init__(self, config_path: Path, log_path: Path, port: int) -> None:
+        super().__init__(["receiver"], config_path, log_path)
+        self.port = port
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float = 0.1,
@@ -98,37 +123,3 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
             return result
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-class ReceiverProcess:
-    """``pacsfetch receiver`` in a subprocess, as an operator runs it; ready once it listens."""
-
-    def __init__(self, config_path: Path, log_path: Path, port: int) -> None:
-        env = {**os.environ, "PACSFETCH_CONFIG": str(config_path), "PACSFETCH_LOG_LEVEL": "INFO"}
-        self.log_path = log_path
-        self.port = port
-        self._log = log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pacsfetch", "receiver"],
-            env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"receiver exited:\n{self.log_path.read_text()[-3000:]}")
-            if b"receiver listening" in self.log_path.read_bytes():
-                return
-            time.sleep(0.05)
-        raise RuntimeError(f"receiver not ready:\n{self.log_path.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self._log.close()

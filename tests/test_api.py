@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from pacsfetch.api.app import create_app
 
+from pacsfetch.api.app import create_app
 from pacsfetch.config import Config, ConfigError
 from pacsfetch.queue import QUEUE, RETRIEVE_TASK
 

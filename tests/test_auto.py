@@ -5,9 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from helpers import CALLING_AE
-from pacsfetch.sandbox.peers import Orthanc
-from pacsfetch.sandbox.samples import SampleStudy
-from pacsfetch.workers.runner import FALLBACK_KINDS
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from test_cget import run, stored_files
 from test_dicomweb import _root
@@ -15,6 +12,9 @@ from test_dicomweb import _root
 from pacsfetch.config import Config
 from pacsfetch.jobstore import JobStore, encode_notes
 from pacsfetch.models import JobRequest, JobStatus, TransportNote
+from pacsfetch.sandbox.peers import Orthanc
+from pacsfetch.sandbox.samples import SampleStudy
+from pacsfetch.workers.runner import FALLBACK_KINDS
 
 
 def test_refused_c_get_falls_back_to_dicomweb_and_says_why(

@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from pacsfetch.plugins.registry import get_registry
-from pacsfetch.sandbox.peers import DcmQrScp, Orthanc
-from pacsfetch.sandbox.samples import SampleStudy
-from pacsfetch.workers.runner import JobRunner, Outcome
-from pacsfetch.workers.state import LocalJobState
 from pydicom import dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -22,6 +16,11 @@ from pydicom.uid import (
 
 from pacsfetch.config import Config
 from pacsfetch.models import JobRequest, JobStatus, Level
+from pacsfetch.plugins.registry import get_registry
+from pacsfetch.sandbox.peers import DcmQrScp, Orthanc
+from pacsfetch.sandbox.samples import SampleStudy
+from pacsfetch.workers.runner import JobRunner, Outcome
+from pacsfetch.workers.state import LocalJobState
 
 
 def dataset_bytes(part10: bytes) -> bytes:
@@ -146,31 +145,6 @@ def test_pacs_down_is_a_connection_error(config_factory: Callable[..., Config]) 
         run(config, request)
     assert info.value.kind == "connection" and info.value.retryable
     assert f"cannot connect to 127.0.0.1:{port}" in info.value.message
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A TCP port that accepts connections and never says a word (not a DICOM port)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join()
-    for conn in accepted:
-        conn.close()
-    server.close()
 
 
 def test_silent_peer_is_a_timeout(config_factory: Callable[..., Config], silent_port: int) -> None:

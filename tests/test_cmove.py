@@ -8,8 +8,6 @@ loopback, as a PACS in the same network would.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,23 +16,23 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from helpers import CALLING_AE, ReceiverProcess, WorkerProcess, make_config, wait_for, write_toml
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
 from pacsfetch.api.app import create_app
+from pacsfetch.config import Config, ConfigError, parse_config
+from pacsfetch.errors import RetrieveError
+from pacsfetch.jobstore import JobStore
+from pacsfetch.models import JobRequest, JobStatus, Level
+from pacsfetch.moves import MoveBook
 from pacsfetch.plugins.registry import get_registry
 from pacsfetch.sandbox.peers import DcmQrScp, Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.samples import SampleStudy, generate_uniform_study
 from pacsfetch.workers.receiver import MoveReceiver
 from pacsfetch.workers.runner import JobRunner, Outcome
 from pacsfetch.workers.state import LocalJobState
-from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage
-
-from pacsfetch.config import Config, ConfigError, parse_config
-from pacsfetch.errors import RetrieveError
-from pacsfetch.jobstore import JobStore
-from pacsfetch.models import JobRequest, JobStatus, Level
-from pacsfetch.moves import MoveBook
 
 RECEIVER_AE = "PACSFETCH"
 
@@ -42,32 +40,6 @@ RECEIVER_AE = "PACSFETCH"
 @pytest.fixture(scope="module")
 def ports() -> dict[str, int]:
     return {"receiver": free_port(), "dead": free_port()}
-
-
-@pytest.fixture(scope="module")
-def silent_port() -> Iterator[int]:
-    """A port that accepts TCP connections and never answers: a destination behind a
-    firewall that lets the SYN through and drops the rest looks like this to the PACS."""
-    server = socket.create_server(("127.0.0.1", 0))
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        server.settimeout(0.2)
-        while not stop.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except TimeoutError:
-                continue
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield server.getsockname()[1]
-    stop.set()
-    thread.join()
-    for conn in accepted:
-        conn.close()
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from pacsfetch.plugins.registry import get_registry
 
 from pacsfetch.config import ConfigError, load_config, parse_config
+from pacsfetch.plugins.registry import get_registry
 
 SOURCE = {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": 4242}
 

@@ -12,15 +12,15 @@ from typing import Any
 
 import httpx
 import pytest
-from pacsfetch.sandbox.peers import Orthanc, free_port
-from pacsfetch.sandbox.samples import SampleStudy
-from pacsfetch.workers.state import LocalJobState
 from pydicom import dcmread
 from test_cget import dataset_bytes, run, stored_files
 
 from pacsfetch.config import Config, ConfigError
 from pacsfetch.errors import RetrieveError
 from pacsfetch.models import JobRequest, JobStatus, Level
+from pacsfetch.sandbox.peers import Orthanc, free_port
+from pacsfetch.sandbox.samples import SampleStudy
+from pacsfetch.workers.state import LocalJobState
 
 USER, PASSWORD_ENV = "pacsfetch", "PF_TEST_DICOMWEB_PASSWORD"
 

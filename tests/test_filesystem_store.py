@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from pacsfetch.plugins.contracts import IncomingInstance, InstanceIdentity
 from pacsfetch.plugins.stores.filesystem import FilesystemBackend, FilesystemSettings
 

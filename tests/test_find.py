@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from helpers import CALLING_AE, make_config
+from pydicom import dcmread
+
 from pacsfetch.api.app import create_app
+from pacsfetch.config import Config, parse_config
 from pacsfetch.plugins.find import find_studies
 from pacsfetch.sandbox.peers import Orthanc
 from pacsfetch.sandbox.samples import generate_uniform_study
-from pydicom import dcmread
-
-from pacsfetch.config import Config, parse_config
 from pacsfetch.studyquery import StudyQuery
 
 DATES = ["20200115", "20200315", "20200515", "20200715", "20200915", "20201115"]

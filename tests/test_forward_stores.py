@@ -10,6 +10,11 @@ from io import BytesIO
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from pacsfetch.config import ConfigError, parse_config
+from pacsfetch.errors import RetrieveError
 from pacsfetch.plugins.contracts import IncomingInstance
 from pacsfetch.plugins.dicomfile import read_identity
 from pacsfetch.plugins.registry import get_registry
@@ -21,11 +26,6 @@ from pacsfetch.plugins.stores.dicom_forward import (
 from pacsfetch.plugins.stores.stowrs import StowRsBackend, StowRsSession, StowRsSettings
 from pacsfetch.sandbox.peers import Orthanc, StoreScp, free_port
 from pacsfetch.sandbox.samples import SampleInstance, SampleStudy
-from pydicom import dcmread
-from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
-
-from pacsfetch.config import ConfigError, parse_config
-from pacsfetch.errors import RetrieveError
 
 
 def dataset_bytes(part10: bytes) -> bytes:

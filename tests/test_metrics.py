@@ -24,15 +24,15 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from helpers import CALLING_AE, WorkerProcess, make_config, wait_for, write_toml
-from pacsfetch.api.app import create_app
-from pacsfetch.sandbox.peers import Orthanc, Prometheus, RedisServer, free_port
-from pacsfetch.sandbox.samples import SampleStudy
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from pacsfetch.api.app import create_app
 from pacsfetch.config import ConfigError, MetricsConfig, parse_config
 from pacsfetch.metrics import metric_names, serve_receiver_metrics
 from pacsfetch.metrics_dir import prepare_multiprocess_dir
+from pacsfetch.sandbox.peers import Orthanc, Prometheus, RedisServer, free_port
+from pacsfetch.sandbox.samples import SampleStudy
 
 ROOT = Path(__file__).resolve().parents[1]
 DASHBOARD = ROOT / "helm" / "pacsfetch" / "dashboards" / "pacsfetch.json"

@@ -11,14 +11,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from pacsfetch.models import JobRequest, Level
 from pacsfetch.plugins.contracts import Verdict
 from pacsfetch.plugins.registry import get_registry
 from pacsfetch.plugins.stores.filesystem import FilesystemBackend, FilesystemSettings
 from pacsfetch.sandbox.samples import SampleInstance, SampleStudy
 from pacsfetch.workers.pipeline import InstancePipeline
 from pacsfetch.workers.state import LocalJobState
-
-from pacsfetch.models import JobRequest, Level
 
 
 def _pipeline(tmp_path: Path, request: JobRequest) -> tuple[InstancePipeline, Path]:

@@ -18,15 +18,15 @@ from typing import Any
 
 import pytest
 from botocore.exceptions import ClientError
+
+from pacsfetch.config import ConfigError, parse_config
+from pacsfetch.errors import RetrieveError
 from pacsfetch.plugins.contracts import IncomingInstance
 from pacsfetch.plugins.dicomfile import read_identity
 from pacsfetch.plugins.registry import get_registry
 from pacsfetch.plugins.stores.s3 import MIB, S3Backend, S3Session, S3Settings
 from pacsfetch.sandbox.peers import S3Server, free_port
 from pacsfetch.sandbox.samples import SampleInstance, SampleStudy, generate_uniform_study
-
-from pacsfetch.config import ConfigError, parse_config
-from pacsfetch.errors import RetrieveError
 
 
 @pytest.fixture(scope="module")

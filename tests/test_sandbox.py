@@ -16,13 +16,6 @@ import httpx
 import pydicom
 import pytest
 import redis
-from pacsfetch.sandbox.peers import LOOPBACK, DcmQrScp, Orthanc, RedisServer, StoreScp, free_port
-from pacsfetch.sandbox.samples import (
-    SampleInstance,
-    SampleStudy,
-    generate_mixed_study,
-    generate_uniform_study,
-)
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
@@ -45,6 +38,14 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
     Verification,
+)
+
+from pacsfetch.sandbox.peers import LOOPBACK, DcmQrScp, Orthanc, RedisServer, StoreScp, free_port
+from pacsfetch.sandbox.samples import (
+    SampleInstance,
+    SampleStudy,
+    generate_mixed_study,
+    generate_uniform_study,
 )
 
 CALLING_AE = "PFSANDBOX"

@@ -14,16 +14,16 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from helpers import make_config, write_toml
+
 from pacsfetch.api.app import create_app
+from pacsfetch.cli import main
+from pacsfetch.config import Config, StoreConfig
+from pacsfetch.models import JobRequest, JobStatus
 from pacsfetch.plugins.registry import get_registry
 from pacsfetch.sandbox.peers import Orthanc, S3Server, StoreScp, free_port
 from pacsfetch.sandbox.samples import SampleStudy
 from pacsfetch.workers.runner import JobRunner, Outcome
 from pacsfetch.workers.state import LocalJobState
-
-from pacsfetch.cli import main
-from pacsfetch.config import Config, StoreConfig
-from pacsfetch.models import JobRequest, JobStatus
 
 
 @pytest.fixture(scope="module")

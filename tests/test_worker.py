@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 from helpers import WorkerProcess, make_config, wait_for
+
 from pacsfetch.api.app import create_app
+from pacsfetch.config import parse_config
 from pacsfetch.sandbox.peers import Orthanc
 from pacsfetch.sandbox.samples import SampleStudy
-
-from pacsfetch.config import parse_config
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ plugin stops the worker before it takes any job, with a message naming the key.
 from __future__ import annotations
 
 from celery.signals import worker_process_shutdown
-from pacsfetch.plugins.registry import get_registry
 
 from pacsfetch.config import load_config
 from pacsfetch.logs import configure_logging
 from pacsfetch.metrics import forget_process
+from pacsfetch.plugins.registry import get_registry
 from pacsfetch.queue import make_celery
 
 config = load_config()
@@ -28,4 +28,4 @@ def _forget_metrics_of_exiting_child(pid: int, **_: object) -> None:
 
 
 # Register the tasks on this app.
-from pacsfetch.workers import tasks
+from pacsfetch.workers import tasks  # noqa: F401  (registers the tasks on the app)

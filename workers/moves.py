@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 
 import redis
-from pacsfetch.workers.pipeline import InstancePipeline
 
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import JobRequest
 from pacsfetch.moves import MoveBook
+from pacsfetch.workers.pipeline import InstancePipeline
 
 MIN_EXPECTATION_TTL = 60.0
 """Seconds an expectation outlives its last refresh: a dead worker's job stops claiming

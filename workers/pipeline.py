@@ -16,13 +16,13 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import pluggy
-from pacsfetch.plugins.contracts import IncomingInstance, InstanceIdentity, StoreSession, Verdict
-from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
-from pacsfetch.workers.state import JobState
 
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.metrics import NO_TRANSPORT, InstanceMeter
 from pacsfetch.models import JobRequest, Level, Progress
+from pacsfetch.plugins.contracts import IncomingInstance, InstanceIdentity, StoreSession, Verdict
+from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
+from pacsfetch.workers.state import JobState
 
 log = logging.getLogger(__name__)
 

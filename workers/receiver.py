@@ -20,12 +20,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pacsfetch.plugins.contracts import InstanceIdentity, StoreSession
-from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
-from pacsfetch.plugins.dimse import STORE_STATUS
-from pacsfetch.plugins.registry import Registry
-from pacsfetch.workers.moves import MIN_EXPECTATION_TTL
-from pacsfetch.workers.pipeline import InstancePipeline
 from pydantic import BaseModel
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
@@ -36,6 +30,12 @@ from pacsfetch.config import Config
 from pacsfetch.metrics import INSTANCE_FAILURES
 from pacsfetch.models import Level, Progress
 from pacsfetch.moves import MoveBook, MoveExpectation
+from pacsfetch.plugins.contracts import InstanceIdentity, StoreSession
+from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
+from pacsfetch.plugins.dimse import STORE_STATUS
+from pacsfetch.plugins.registry import Registry
+from pacsfetch.workers.moves import MIN_EXPECTATION_TTL
+from pacsfetch.workers.pipeline import InstancePipeline
 
 log = logging.getLogger(__name__)
 

@@ -13,17 +13,17 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, StoreSession, Transport
-from pacsfetch.plugins.registry import Registry
-from pacsfetch.workers.moves import RedisMoveTracker
-from pacsfetch.workers.pipeline import InstancePipeline
-from pacsfetch.workers.state import JobState
 from pydantic import BaseModel
 
 from pacsfetch.config import Config
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import JobRequest, JobStatus, Progress, TransportNote
 from pacsfetch.moves import MoveBook
+from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, StoreSession, Transport
+from pacsfetch.plugins.registry import Registry
+from pacsfetch.workers.moves import RedisMoveTracker
+from pacsfetch.workers.pipeline import InstancePipeline
+from pacsfetch.workers.state import JobState
 
 log = logging.getLogger(__name__)
 

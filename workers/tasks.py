@@ -16,18 +16,18 @@ import threading
 from typing import Any
 
 from celery import Task
-from pacsfetch.plugins.dimse import echo as dicom_echo
-from pacsfetch.plugins.find import find_studies as dicom_find_studies
-from pacsfetch.workers.celery_app import app, config, registry, store_settings
-from pacsfetch.workers.runner import JobRunner, Outcome
-from pacsfetch.workers.state import RedisJobState
 
 from pacsfetch.errors import RetrieveError
 from pacsfetch.jobstore import JobNotFound, JobStore, encode_notes
 from pacsfetch.metrics import JOB_RETRIES, JOBS_IN_FLIGHT
 from pacsfetch.models import FINAL_STATUSES, JobStatus
+from pacsfetch.plugins.dimse import echo as dicom_echo
+from pacsfetch.plugins.find import find_studies as dicom_find_studies
 from pacsfetch.queue import ECHO_TASK, FIND_STUDIES_TASK, RETRIEVE_TASK, redis_priority
 from pacsfetch.studyquery import StudyQuery
+from pacsfetch.workers.celery_app import app, config, registry, store_settings
+from pacsfetch.workers.runner import JobRunner, Outcome
+from pacsfetch.workers.state import RedisJobState
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,6 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
-from pacsfetch.plugins.dimse import MAX_PRESENTATION_CONTEXTS, associate
 from pydantic import BaseModel, ConfigDict, Field
 from pydicom.uid import UID
 from pynetdicom import _config, evt
@@ -38,6 +36,8 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from pacsfetch import hookimpl
 from pacsfetch.config import AETitle, SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
+from pacsfetch.plugins.dimse import MAX_PRESENTATION_CONTEXTS, associate
 
 log = logging.getLogger(__name__)
 

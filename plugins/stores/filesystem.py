@@ -18,10 +18,8 @@ import json
 import logging
 import os
 import queue
-import re
 import shutil
 import socket
-import string
 import threading
 import time
 import uuid
@@ -29,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
-from pacsfetch.plugins.stores.layout import DEFAULT_LAYOUT, check_layout, render_layout
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pacsfetch import hookimpl
+from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
+from pacsfetch.plugins.stores.layout import DEFAULT_LAYOUT, check_layout, render_layout
+from pacsfetch.procs import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -59,16 +58,6 @@ class FilesystemSettings(BaseModel):
     @classmethod
     def _valid_template(cls, value: str) -> str:
         return check_layout(value)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass(slots=True)
@@ -163,7 +152,7 @@ class FilesystemSession:
             parts = entry.name.rsplit("-", 2)
             dead_here = (
                 len(parts) == 3 and parts[0] == host and parts[1].isdigit()
-                and not _pid_alive(int(parts[1]))
+                and not pid_alive(int(parts[1]))
             )
             try:
                 stale = now - entry.stat().st_mtime > STALE_SPOOL_SECONDS

@@ -45,12 +45,12 @@ from botocore.exceptions import (
 from botocore.exceptions import (
     ConnectionError as BotoConnectionError,
 )
-from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
-from pacsfetch.plugins.stores.layout import DEFAULT_LAYOUT, check_layout, render_layout
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, field_validator
 
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
+from pacsfetch.plugins.stores.layout import DEFAULT_LAYOUT, check_layout, render_layout
 
 log = logging.getLogger(__name__)
 

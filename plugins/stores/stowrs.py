@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any, Self
 
 import httpx
-from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
 
 log = logging.getLogger(__name__)
 

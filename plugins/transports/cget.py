@@ -21,22 +21,6 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport, Verdict
-from pacsfetch.plugins.dimse import (
-    MAX_PRESENTATION_CONTEXTS,
-    STORE_STATUS,
-    associate,
-    status_hint,
-    sub_operation_counts,
-)
-from pacsfetch.plugins.transports.query import (
-    UIDS_PER_QUERY,
-    InstanceRef,
-    chunks,
-    find_instances,
-    retrieve_identifier,
-)
-from pacsfetch.plugins.transports.sopclasses import candidate_classes
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
@@ -61,6 +45,23 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import Level
+from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport, Verdict
+from pacsfetch.plugins.dimse import (
+    MAX_PRESENTATION_CONTEXTS,
+    STORE_STATUS,
+    SubOperations,
+    associate,
+    status_hint,
+    sub_operation_counts,
+)
+from pacsfetch.plugins.transports.query import (
+    UIDS_PER_QUERY,
+    InstanceRef,
+    chunks,
+    find_instances,
+    retrieve_identifier,
+)
+from pacsfetch.plugins.transports.sopclasses import candidate_classes
 
 log = logging.getLogger(__name__)
 
@@ -170,22 +171,10 @@ def plan_associations(
 
 
 @dataclass
-class _Counters:
-    """Sub-operation counters summed over the C-GETs of one attempt."""
-
-    completed: int = 0
-    failed: int = 0
-    warning: int = 0
+class _Counters(SubOperations):
     failed_uids: list[str] = field(default_factory=list)
     received: set[str] = field(default_factory=set)
     """SOP Instance UIDs the sink stored or already had, this attempt."""
-    problems: list[str] = field(default_factory=list)
-    problem_kind: ErrorKind | None = None
-    cancelled: bool = False
-
-    def problem(self, kind: ErrorKind, text: str) -> None:
-        self.problem_kind = self.problem_kind or kind
-        self.problems.append(text)
 
 
 def _on_c_store(ctx: RetrieveContext, counters: _Counters):

@@ -15,22 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
-from pacsfetch.plugins.contracts import (
-    MoveTracker,
-    RetrieveContext,
-    RetrieveResult,
-    Transport,
-)
-from pacsfetch.plugins.dimse import PENDING, associate, status_hint, sub_operation_counts
-from pacsfetch.plugins.transports.query import (
-    UIDS_PER_QUERY,
-    InstanceRef,
-    chunks,
-    find_instances,
-    retrieve_identifier,
-)
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
@@ -39,6 +24,26 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import Level
+from pacsfetch.plugins.contracts import (
+    MoveTracker,
+    RetrieveContext,
+    RetrieveResult,
+    Transport,
+)
+from pacsfetch.plugins.dimse import (
+    PENDING,
+    SubOperations,
+    associate,
+    status_hint,
+    sub_operation_counts,
+)
+from pacsfetch.plugins.transports.query import (
+    UIDS_PER_QUERY,
+    InstanceRef,
+    chunks,
+    find_instances,
+    retrieve_identifier,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,20 +69,6 @@ def move_identifiers(ctx: RetrieveContext, inventory: list[InstanceRef]) -> list
     ]
 
 
-@dataclass
-class _Counters:
-    """Sub-operation counters summed over the C-MOVEs of one attempt."""
-
-    completed: int = 0
-    failed: int = 0
-    warning: int = 0
-    problems: list[str] = field(default_factory=list)
-    problem_kind: ErrorKind | None = None
-    cancelled: bool = False
-
-    def problem(self, kind: ErrorKind, text: str) -> None:
-        self.problem_kind = self.problem_kind or kind
-        self.problems.append(text)
 
 
 class CMoveTransport:
@@ -107,7 +98,7 @@ class CMoveTransport:
                 "UIDs, or whether the PACS lets this AE see the study.",
             )
         expected = frozenset(r.sop_instance_uid for r in inventory)
-        counters = _Counters()
+        counters = SubOperations()
         moves = ctx.moves
         try:
             assoc = associate(source, [build_context(MOVE_MODEL)], purpose="C-MOVE")
@@ -132,7 +123,7 @@ class CMoveTransport:
         )
 
     def _move(self, ctx: RetrieveContext, assoc: Association, identifier: Dataset,
-              moves: MoveTracker, counters: _Counters, where: str, destination: str) -> None:
+              moves: MoveTracker, counters: SubOperations, where: str, destination: str) -> None:
         """One C-MOVE: register it with the receiver, follow its responses."""
         msg_id = moves.next_message_id()
         moves.expect(ctx.source.calling_ae_title, msg_id)
@@ -196,7 +187,7 @@ class CMoveTransport:
             )
 
     @staticmethod
-    def _settle(moves: MoveTracker, counters: _Counters, timeout: float) -> int:
+    def _settle(moves: MoveTracker, counters: SubOperations, timeout: float) -> int:
         """Wait (at most *timeout*) until the receiver recorded what the PACS says it sent."""
         delivered = counters.completed + counters.warning
         deadline = time.monotonic() + timeout
@@ -207,7 +198,7 @@ class CMoveTransport:
         return received
 
     @staticmethod
-    def _explain(counters: _Counters, received: int, where: str, destination: str) -> None:
+    def _explain(counters: SubOperations, received: int, where: str, destination: str) -> None:
         """Turn what the PACS and the receiver report into an operator's next step."""
         if counters.cancelled:
             return

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import requests
 from dicomweb_client.api import DICOMwebClient
-from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport
 from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 
@@ -30,6 +29,7 @@ from pacsfetch import hookimpl
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import Level
+from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport
 from pacsfetch.uids import is_valid_uid
 
 log = logging.getLogger(__name__)

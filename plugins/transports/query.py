@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from pacsfetch.plugins.dimse import associate
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
@@ -20,6 +19,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import JobRequest, Level
+from pacsfetch.plugins.dimse import associate
 from pacsfetch.uids import is_valid_uid
 
 FIND_MODEL = StudyRootQueryRetrieveInformationModelFind
