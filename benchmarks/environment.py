@@ -4,7 +4,8 @@ Studies are generated once into ``.bench/studies`` (the generator is determinist
 complete directory is reused by the next run). Two Orthancs hold the same studies: one with
 Nagle's algorithm off in its DICOM layer, one with it left on, as many PACS in the field
 run; every tool is measured against the same data. Redis is the broker and job store of the
-queued path.
+queued path. Both Orthancs know ``pacsfetch receiver`` as a C-MOVE destination at one
+loopback port, where each C-MOVE measurement starts its receiver.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from pacsfetch.sandbox.peers import Orthanc, RedisServer
+from benchmarks.receiver import RECEIVER_AE
+from pacsfetch.sandbox.peers import Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.samples import SampleStudy, generate_uniform_study
 
 
@@ -72,7 +74,10 @@ QUICK = Plan(
 
 
 class Environment:
-    """Generated studies plus both Orthancs (Nagle off / on) and Redis, started together."""
+    """Generated studies plus both Orthancs (Nagle off / on) and Redis, started together.
+
+    *receiver_port* is where the Orthancs send C-MOVE deliveries for :data:`RECEIVER_AE`.
+    """
 
     def __init__(self, workdir: Path, plan: Plan) -> None:
         self.workdir = workdir
@@ -81,6 +86,7 @@ class Environment:
         self.orthanc: Orthanc | None = None
         self.orthanc_nagle: Orthanc | None = None
         self.redis: RedisServer | None = None
+        self.receiver_port = free_port()
         self._stack = ExitStack()
 
     def __enter__(self) -> Self:
@@ -89,12 +95,14 @@ class Environment:
             self.studies[spec.name] = spec.generate(studies_dir)
         try:
             peers = self.workdir / "peers"
+            modalities = {RECEIVER_AE: (RECEIVER_AE, "127.0.0.1", self.receiver_port)}
             self.redis = self._stack.enter_context(RedisServer(peers / "redis"))
             self.orthanc = self._stack.enter_context(
-                Orthanc(peers / "orthanc-nodelay", tcp_nodelay=True, dicomweb=True))
+                Orthanc(peers / "orthanc-nodelay", tcp_nodelay=True, dicomweb=True,
+                        modalities=modalities))
             self.orthanc_nagle = self._stack.enter_context(
                 Orthanc(peers / "orthanc-nagle", aet="ORTHANCN", tcp_nodelay=False,
-                        dicomweb=True))
+                        dicomweb=True, modalities=modalities))
             for study in self.studies.values():
                 self.orthanc.upload_study(study)
                 self.orthanc_nagle.upload_study(study)

@@ -30,7 +30,11 @@ def _ratio(a: Measurement | None, b: Measurement | None) -> float | None:
 
 
 def ratios(rows: list[Measurement], transport: str = "c-get") -> list[dict[str, Any]]:
-    """Each target of the issue with the measured value and whether it holds."""
+    """Each target of the issue with the measured value and whether it holds.
+
+    Targets compare like with like: pacsfetch over *transport* (C-GET, as both ``getscu``
+    apps use) against the other tools; the other transports' rows are in the table.
+    """
     out: list[dict[str, Any]] = []
 
     def target(name: str, value: float | None, ok: bool | None, goal: str) -> None:
@@ -59,8 +63,8 @@ def ratios(rows: list[Measurement], transport: str = "c-get") -> list[dict[str, 
         nagle = None if on is None or off is None else round(on.seconds / off.seconds, 2)
         target(f"{study}: time Nagle-on / Nagle-off (pacsfetch)", nagle,
                None if nagle is None else nagle <= 1.5, "<= 1.5")
-    large = _find(rows, tool="pacsfetch-queued", study="large", workers=1)
-    small = _find(rows, tool="pacsfetch-queued", study="small", workers=1)
+    large = _find(rows, tool="pacsfetch-queued", study="large", workers=1, transport=transport)
+    small = _find(rows, tool="pacsfetch-queued", study="small", workers=1, transport=transport)
     if large and large.peak_rss_mb is not None:
         target("worker peak RSS, large study (MB)", round(large.peak_rss_mb, 1),
                large.peak_rss_mb < 250, "< 250")
@@ -69,7 +73,8 @@ def ratios(rows: list[Measurement], transport: str = "c-get") -> list[dict[str, 
         target("worker peak RSS large / small study", growth, growth <= 1.25, "~1 (<= 1.25)")
     dcmtk_small = _find(rows, tool="dcmtk-getscu", study="small", peer="nodelay")
     for row in rows:
-        if row.tool == "pacsfetch-queued" and row.study == "scaling" and dcmtk_small:
+        if (row.tool == "pacsfetch-queued" and row.study == "scaling"
+                and row.transport == transport and dcmtk_small):
             value = _ratio(row, dcmtk_small)
             target(f"scaling, {row.workers} worker(s) / DCMTK getscu small (stretch)", value,
                    None if value is None else value > 1, "> 1")

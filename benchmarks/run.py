@@ -69,20 +69,23 @@ def run(workdir: Path, quick: bool, only: set[str]) -> dict[str, Any]:
                     measured(tools.pynetdicom_getscu(peer, name, study, nagle, runs))
                 for transport in transports:
                     measured(tools.pacsfetch_inline(peer, name, study, nagle, runs,
-                                                    transport=transport, redis_url=env.redis.url))
+                                                    transport=transport, redis_url=env.redis.url,
+                                                    receiver_port=env.receiver_port))
         if "queued" in only:
             for name, study in comparison.items():
                 for transport in transports:
                     measured(tools.pacsfetch_queued(
                         env.peer(False), {name: study}, False, runs, transport=transport,
-                        redis_url=env.redis.url, workers=1, label=name))
+                        redis_url=env.redis.url, receiver_port=env.receiver_port, workers=1,
+                        label=name))
         if "scaling" in only:
             scaling = {s.name: env.studies[s.name] for s in plan.scaling}
             for workers in plan.worker_counts:
                 for transport in transports:
                     row = tools.pacsfetch_queued(
                         env.peer(False), scaling, False, runs, transport=transport,
-                        redis_url=env.redis.url, workers=workers, label="scaling")
+                        redis_url=env.redis.url, receiver_port=env.receiver_port,
+                        workers=workers, label="scaling")
                     measured(row)
         if "api" in only:
             api = _api(env, plan, runs)
@@ -112,7 +115,8 @@ def _api(env: Environment, plan: Plan, runs: Path) -> dict[str, Any]:
 
     assert env.redis is not None
     url = env.redis.url.rsplit("/", 1)[0] + "/1"
-    config = tools.pacsfetch_config(env.peer(False), "c-get", url, runs / "api-store")
+    config = tools.pacsfetch_config(env.peer(False), "c-get", url, runs / "api-store",
+                                    receiver_port=env.receiver_port)
     service = tools.QueuedService(config, runs, "api", workers=0, api_workers=API_WORKERS)
     service.start(with_worker=False)
     study_uid = env.studies["small"].study_uid

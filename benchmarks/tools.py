@@ -2,7 +2,8 @@
 
 - DCMTK ``getscu`` (C++) and pynetdicom's bundled ``getscu`` app, with their default PDU
   sizes, as an operator would run them;
-- ``pacsfetch retrieve`` (inline, no broker) per transport;
+- ``pacsfetch retrieve`` (inline, no broker) per transport: C-GET, C-MOVE (with
+  ``pacsfetch receiver`` running as the move destination) and DICOMweb;
 - pacsfetch queued: jobs through the API, Celery on Redis and ``pacsfetch worker -c N``.
 
 Every measurement counts what actually landed on disk, so a fast tool that dropped
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +29,7 @@ import httpx
 import tomli_w
 
 from benchmarks.procwatch import PeakRss
+from benchmarks.receiver import RECEIVER_AE, running_receiver
 from pacsfetch.sandbox.peers import Orthanc, free_port
 from pacsfetch.sandbox.samples import SampleStudy
 
@@ -36,13 +39,16 @@ STORE_NAME = "local"
 TOOL_TIMEOUT = 900.0
 
 #: Transports the harness knows how to point at an Orthanc: name -> extra source keys.
-#: Adding a transport (c-move once its destination keys exist) is one line here; a transport
-#: listed but not installed in this build is skipped with a note, and one installed but not
-#: listed is reported as such.
+#: Adding a transport is one line here; a transport listed but not installed in this build
+#: is skipped with a note, and one installed but not listed is reported as such.
 TRANSPORT_SOURCE_KEYS: dict[str, Callable[[Orthanc], dict[str, Any]]] = {
     "c-get": lambda peer: {},
+    "c-move": lambda peer: {"move_destination": RECEIVER_AE},
     "dicomweb": lambda peer: {"dicomweb_url": peer.dicomweb_url},
 }
+#: Transports whose instances arrive through ``pacsfetch receiver``: one is started beside
+#: each of their measurements, on the port the Orthancs know as :data:`RECEIVER_AE`.
+RECEIVER_TRANSPORTS = frozenset({"c-move"})
 
 
 @dataclass
@@ -141,9 +147,13 @@ def pynetdicom_getscu(peer: Orthanc, study_name: str, study: SampleStudy, nagle:
                    peak_rss_mb=rss, peak_tree_rss_mb=tree_rss)
 
 
-def pacsfetch_config(peer: Orthanc, transport: str, redis_url: str, store_root: Path,
-                     progress_interval: float = 0.5) -> dict[str, Any]:
-    """A pacsfetch config for one Orthanc, one transport and a filesystem store with fsync."""
+def pacsfetch_config(peer: Orthanc, transport: str, redis_url: str, store_root: Path, *,
+                     receiver_port: int, progress_interval: float = 0.5) -> dict[str, Any]:
+    """A pacsfetch config for one Orthanc, one transport and a filesystem store with fsync.
+
+    Workers and the receiver share it, as in production. Metrics ports are free ones, so a
+    benchmark never collides with another pacsfetch (or test run) on the default ports.
+    """
     source = {"ae_title": peer.aet, "host": "127.0.0.1", "port": peer.dicom_port,
               "calling_ae_title": CALLING_AE, "transports": [transport], "timeout": 60,
               **TRANSPORT_SOURCE_KEYS[transport](peer)}
@@ -152,7 +162,18 @@ def pacsfetch_config(peer: Orthanc, transport: str, redis_url: str, store_root: 
         "sources": {"orthanc": source},
         "stores": {STORE_NAME: {"plugin": "filesystem", "root": str(store_root), "fsync": True}},
         "worker": {"progress_interval": progress_interval, "max_retries": 0},
+        "receiver": {"ae_title": RECEIVER_AE, "port": receiver_port, "bind": "127.0.0.1"},
+        "metrics": {"bind": "127.0.0.1", "worker_port": free_port(),
+                    "receiver_port": free_port()},
     }
+
+
+def _receiver_for(transport: str, env: Mapping[str, str], log_path: Path
+                  ) -> AbstractContextManager[None]:
+    """The move receiver when *transport* needs one, else nothing; started before timing."""
+    if transport in RECEIVER_TRANSPORTS:
+        return running_receiver(env, log_path)
+    return nullcontext()
 
 
 def _env_with_config(config: dict[str, Any], path: Path) -> dict[str, str]:
@@ -161,14 +182,17 @@ def _env_with_config(config: dict[str, Any], path: Path) -> dict[str, str]:
 
 
 def pacsfetch_inline(peer: Orthanc, study_name: str, study: SampleStudy, nagle: bool,
-                     work: Path, *, transport: str, redis_url: str) -> Measurement:
+                     work: Path, *, transport: str, redis_url: str,
+                     receiver_port: int) -> Measurement:
     label = f"pacsfetch-inline-{transport}-{study_name}-{'nagle' if nagle else 'nodelay'}"
     out = _fresh(work / label)
-    env = _env_with_config(pacsfetch_config(peer, transport, redis_url, out),
+    env = _env_with_config(pacsfetch_config(peer, transport, redis_url, out,
+                                            receiver_port=receiver_port),
                            work / f"{label}.toml")
     argv = [sys.executable, "-m", "pacsfetch", "retrieve", "--source", "orthanc",
             "--study", study.study_uid, "--store", STORE_NAME, "--transport", transport]
-    seconds, rss, tree_rss, files, _ = _measure_process(argv, out, env=env)
+    with _receiver_for(transport, env, work / f"{label}-receiver.log"):
+        seconds, rss, tree_rss, files, _ = _measure_process(argv, out, env=env)
     return _result("pacsfetch-inline", study_name, study, nagle, seconds, files,
                    transport=transport, peak_rss_mb=rss, peak_tree_rss_mb=tree_rss)
 
@@ -248,11 +272,20 @@ class QueuedService:
 
 
 def pacsfetch_queued(peer: Orthanc, studies: Mapping[str, SampleStudy], nagle: bool, work: Path,
-                     *, transport: str, redis_url: str, workers: int, label: str) -> Measurement:
+                     *, transport: str, redis_url: str, receiver_port: int, workers: int,
+                     label: str) -> Measurement:
     """Submit one job per study at once; time from the first POST until all are final."""
-    out = _fresh(work / f"pacsfetch-queued-{label}")
-    service = QueuedService(pacsfetch_config(peer, transport, redis_url, out), work,
-                            f"queued-{label}", workers)
+    run_label = f"{transport}-{label}-{workers}"
+    out = _fresh(work / f"pacsfetch-queued-{run_label}")
+    config = pacsfetch_config(peer, transport, redis_url, out, receiver_port=receiver_port)
+    service = QueuedService(config, work, f"queued-{run_label}", workers)
+    with _receiver_for(transport, service.env, work / f"queued-{run_label}-receiver.log"):
+        return _queued_run(service, out, studies, nagle, transport=transport, workers=workers,
+                           label=label)
+
+
+def _queued_run(service: QueuedService, out: Path, studies: Mapping[str, SampleStudy],
+                nagle: bool, *, transport: str, workers: int, label: str) -> Measurement:
     service.start()
     try:
         assert service.worker is not None

@@ -1,6 +1,7 @@
 """The benchmark harness end to end in ``--quick`` mode: correctness, not speed.
 
-It starts its own Redis and two Orthancs (Nagle off and on), runs every tool on tiny
+It starts its own Redis and two Orthancs (Nagle off and on), runs every tool — pacsfetch
+over C-GET, C-MOVE (through a ``pacsfetch receiver`` it starts) and DICOMweb — on tiny
 studies and must bring every instance back with every tool; no timing is asserted.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+TRANSPORTS = {"c-get", "c-move", "dicomweb"}
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +25,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--quick", "--workdir", str(work),
          "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=240,
+        cwd=ROOT, capture_output=True, text=True, timeout=360,
     )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "pacsfetch one worker / DCMTK getscu" in run.stdout  # the ratio table was printed
@@ -44,10 +46,16 @@ def test_every_tool_measured_on_both_studies_and_peers(results: dict) -> None:
             assert _rows(results, tool=tool, study=study, peer="nagle"), (tool, study)
         assert _rows(results, tool="pacsfetch-queued", study=study, workers=1)
     assert {r["workers"] for r in _rows(results, tool="pacsfetch-queued", study="scaling")} == {1, 2}
-    assert "c-get" in results["transports"]
+    assert TRANSPORTS <= set(results["transports"]), results["notes"]
     for transport in results["transports"]:  # every installed transport the harness knows
-        assert _rows(results, tool="pacsfetch-inline", transport=transport, peer="nodelay")
-        assert _rows(results, tool="pacsfetch-queued", transport=transport, study="large")
+        for study in ("small", "large"):
+            for peer in ("nodelay", "nagle"):
+                assert _rows(results, tool="pacsfetch-inline", transport=transport, study=study,
+                             peer=peer), (transport, study, peer)
+            assert _rows(results, tool="pacsfetch-queued", transport=transport, study=study,
+                         workers=1), (transport, study)
+        assert {r["workers"] for r in _rows(results, tool="pacsfetch-queued", study="scaling",
+                                            transport=transport)} == {1, 2}, transport
 
 
 def test_every_tool_retrieved_every_instance(results: dict) -> None:
@@ -73,7 +81,9 @@ def test_api_load_and_batch_completed_without_errors(results: dict) -> None:
 
 
 def test_targets_are_evaluated(results: dict) -> None:
-    names = " | ".join(t["target"] for t in results["targets"])
+    targets = [t["target"] for t in results["targets"]]
+    assert len(targets) == len(set(targets)), targets  # one per target, not per transport
+    names = " | ".join(targets)
     for expected in ("small: pacsfetch one worker / pynetdicom getscu", "large: pacsfetch inline / DCMTK getscu",
                      "Nagle-on / Nagle-off", "worker peak RSS", "POST /jobs", "batch of"):
         assert expected in names
