@@ -33,6 +33,7 @@ from pacsfetch.moves import MoveBook, MoveExpectation
 from pacsfetch.plugins.contracts import InstanceIdentity, StoreSession
 from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
 from pacsfetch.plugins.dimse import STORE_STATUS
+from pacsfetch.plugins.dulpace import pace
 from pacsfetch.plugins.registry import Registry
 from pacsfetch.workers.moves import MIN_EXPECTATION_TTL
 from pacsfetch.workers.pipeline import InstancePipeline
@@ -196,6 +197,7 @@ class MoveReceiver:
             (settings.bind, settings.port), block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._on_c_store),
                           (evt.EVT_CONN_OPEN, self._on_open),
+                          (evt.EVT_ACCEPTED, self._on_accepted),
                           (evt.EVT_CONN_CLOSE, self._on_close)],
         )
         log.info("receiver listening", extra={
@@ -222,6 +224,11 @@ class MoveReceiver:
         with self._lock:
             self._associations[id(event.assoc)] = _AssociationJobs()
             self.stats.associations += 1
+
+    def _on_accepted(self, event: evt.Event) -> None:
+        # Most PACS send with Nagle's algorithm on: without prompt ACKs (and a DUL thread
+        # that blocks instead of polling) every instance would wait ~40 ms for our ACK.
+        pace(event.assoc)
 
     def _on_close(self, event: evt.Event) -> None:
         with self._lock:
