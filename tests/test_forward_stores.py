@@ -76,8 +76,9 @@ def test_cstore_into_storescp_arrives_byte_for_byte(
     locations = send_all(session, mixed_study, tmp_path)
     assert set(locations) == {f"NEWARCHIVE@127.0.0.1:{storescp.port}"}
     pairs = {(i.sop_class_uid, i.transfer_syntax_uid) for i in mixed_study.instances}
-    # Re-associating only when a new (SOP class, transfer syntax) pair shows up.
-    assert 1 <= session.associations_opened <= len(pairs)
+    # Re-associating only when a new (SOP class, transfer syntax) pair shows up (or to send an
+    # instance again after the archive stalled, which a loaded machine can provoke).
+    assert 1 <= session.associations_opened - session.resends <= len(pairs)
     for sample in mixed_study.instances:
         [received] = storescp.received_dir.glob(f"*.{sample.sop_instance_uid}.dcm")
         assert dataset_bytes(received.read_bytes()) == dataset_bytes(sample.path.read_bytes())

@@ -83,6 +83,8 @@ def test_cancel_a_running_job_stops_the_c_get(setup: dict[str, Any], start_worke
                                         "store": "local"}).json()["id"]
     wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress"]["completed"] >= 10,
              60, 0.02, "the job to store its first instances")
+    running = client.get(f"/jobs/{job_id}").json()
+    assert running["status"] == "running" and running["transport"] == "c-get"
     assert client.delete(f"/jobs/{job_id}").status_code == 200
     job = _final(client, job_id)
     assert job["status"] == "cancelled"

@@ -68,9 +68,13 @@ class InstancePipeline:
         self._meter: InstanceMeter | None = None
         """Bound when a transport starts, so no empty series labelled "none" is exported."""
 
-    def use_transport(self, name: str) -> InstanceMeter:
+    def use_transport(self, name: str) -> None:
         """Count what arrives from now on under transport *name* (the runner's current one)."""
-        self._meter = InstanceMeter(name, self._request.source, self._sessions)
+        self._state.transport_started(name)
+        self._bind_meter(name)
+
+    def _bind_meter(self, transport: str) -> InstanceMeter:
+        self._meter = InstanceMeter(transport, self._request.source, self._sessions)
         return self._meter
 
     # InstanceSink -----------------------------------------------------------
@@ -85,7 +89,7 @@ class InstancePipeline:
             path.unlink(missing_ok=True)
 
     def _accept(self, path: Path, sop_class_uid: str, sop_instance_uid: str) -> Verdict:
-        meter = self._meter or self.use_transport(NO_TRANSPORT)
+        meter = self._meter or self._bind_meter(NO_TRANSPORT)
         size = path.stat().st_size
         meter.received(size)
         verdict = self._check_and_store(path, size, sop_class_uid, sop_instance_uid)

@@ -72,6 +72,9 @@ class _MoveJobState:
     def previous_progress(self) -> Progress:
         return Progress()
 
+    def transport_started(self, name: str) -> None:
+        """The worker that sent the C-MOVE already recorded the transport."""
+
     def record(self, locations: Mapping[str, str], progress: Progress) -> None:
         nbytes = progress.bytes - self._recorded_bytes
         if not locations and not nbytes:

@@ -27,6 +27,10 @@ class JobState(Protocol):
 
     def cancel_requested(self) -> bool: ...
 
+    def transport_started(self, name: str) -> None:
+        """The attempt now retrieves with transport *name* (shown while the job runs)."""
+        ...
+
 
 class RedisJobState:
     def __init__(self, store: JobStore, job_id: str) -> None:
@@ -46,6 +50,9 @@ class RedisJobState:
     def cancel_requested(self) -> bool:
         return self._store.cancel_requested(self._job_id)
 
+    def transport_started(self, name: str) -> None:
+        self._store.set_fields(self._job_id, transport=name)
+
 
 class LocalJobState:
     """In-memory state for an inline retrieve; *on_progress* drives a progress bar."""
@@ -55,6 +62,7 @@ class LocalJobState:
         self.progress = Progress()
         self._on_progress = on_progress
         self.cancel = False
+        self.transport: str | None = None
 
     def stored_instances(self) -> dict[str, str]:
         return dict(self.instances)
@@ -70,3 +78,6 @@ class LocalJobState:
 
     def cancel_requested(self) -> bool:
         return self.cancel
+
+    def transport_started(self, name: str) -> None:
+        self.transport = name

@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 _config.STORE_SEND_CHUNKED_DATASET = True
 
 SUCCESS_OR_WARNING = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
+SEND_ATTEMPTS = 2
+"""C-STOREs of one instance, each on a fresh association after an abort or a timeout."""
 """Success, and the warnings that still mean "stored" (coercion, elements discarded)."""
 _FATAL_FOR_THE_JOB = frozenset(
     {ErrorKind.CONNECTION, ErrorKind.ASSOCIATION_REJECTED, ErrorKind.TIMEOUT})
@@ -88,6 +90,8 @@ class DicomForwardSession:
         self._refused: set[Context] = set()
         self._broken: RetrieveError | None = None
         self.associations_opened = 0
+        self.resends = 0
+        """C-STOREs sent again on a fresh association after an abort or a timeout."""
 
     @property
     def spool_dir(self) -> Path | None:
@@ -102,15 +106,24 @@ class DicomForwardSession:
         return _Pending(instance.path, context)
 
     def commit(self, staged: _Pending) -> str:
-        assoc = self._association_for(staged.context)
-        status = assoc.send_c_store(staged.path)
-        code = getattr(status, "Status", None)
-        if code is None:
+        # An archive that drops an association (or stalls on one) mid-migration should cost
+        # one re-association, not the instance: C-STORE of the same instance is idempotent.
+        for attempt in range(1, SEND_ATTEMPTS + 1):
+            assoc = self._association_for(staged.context)
+            status = assoc.send_c_store(staged.path)
+            code = getattr(status, "Status", None)
+            if code is not None:
+                break
             self._drop_association()
+            self.resends += 1
+            log.warning("forward association aborted or timed out; re-associating",
+                        extra={"job_id": self._job_id, "store": self._store_name,
+                               "attempt": attempt})
+        else:
             raise RetrieveError(
                 ErrorKind.ASSOCIATION_ABORTED,
                 f"{self._where} did not answer the C-STORE within {self._peer.timeout:g} s or "
-                "aborted the association; the instance was not stored",
+                f"aborted the association, {SEND_ATTEMPTS} times; the instance was not stored",
             )
         if code not in SUCCESS_OR_WARNING:
             category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("Failure", "unknown"))
