@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from celery import Celery
 from celery.exceptions import TimeoutError as CeleryTimeout
@@ -36,15 +36,7 @@ def echo_source(name: str, config: Annotated[Config, Depends(get_config)],
     """C-ECHO the source from a worker (where the DICOM network path really starts)."""
     if name not in config.sources:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no source {name!r}")
-    result = celery.send_task(ECHO_TASK, args=[name], queue=QUEUE, priority=0)
-    try:
-        reply = result.get(timeout=config.api.echo_timeout)
-    except CeleryTimeout:
-        raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT,
-                            f"no worker answered within {config.api.echo_timeout:g} s") from None
-    finally:
-        result.forget()
-    return EchoReply(**reply)
+    return EchoReply(**_ask_a_worker(celery, ECHO_TASK, [name], config.api.echo_timeout))
 
 
 @router.get("/{name}/studies", response_model=StudyList,
@@ -61,16 +53,25 @@ def find_studies(name: str, query: Annotated[StudyQuery, Query()],
     """
     if name not in config.sources:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no source {name!r}")
-    result = celery.send_task(FIND_STUDIES_TASK, args=[name, query.model_dump(exclude_none=True)],
-                              queue=QUEUE, priority=0)
-    try:
-        reply = result.get(timeout=config.api.query_timeout)
-    except CeleryTimeout:
-        raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT,
-                            f"no worker answered within {config.api.query_timeout:g} s") from None
-    finally:
-        result.forget()
+    reply = _ask_a_worker(celery, FIND_STUDIES_TASK,
+                          [name, query.model_dump(exclude_none=True)], config.api.query_timeout)
     if not reply["ok"]:
         raise HTTPException(status.HTTP_502_BAD_GATEWAY,
                             {"error_kind": reply["error_kind"], "error": reply["error"]})
     return StudyList.model_validate(reply["result"])
+
+
+def _ask_a_worker(celery: Celery, task: str, args: list[Any], timeout: float) -> dict[str, Any]:
+    """Run *task* on a worker and wait for its answer: the API never talks DICOM itself.
+
+    Sent at the highest priority so an operator's question does not queue behind a
+    migration's backlog; 504 when no worker answers in time.
+    """
+    result = celery.send_task(task, args=args, queue=QUEUE, priority=0)
+    try:
+        return dict(result.get(timeout=timeout))
+    except CeleryTimeout:
+        raise HTTPException(status.HTTP_504_GATEWAY_TIMEOUT,
+                            f"no worker answered within {timeout:g} s") from None
+    finally:
+        result.forget()
