@@ -2,7 +2,7 @@
 
 Both sides build their Celery app here so that they agree on task names, the queue and
 serialisation without the API importing any worker (or DICOM) code: the API only calls
-:func:`enqueue_retrieve`, which sends a task *by name*.
+:func:`enqueue_retrieves`, which sends a task *by name*.
 
 Settings follow Celery's advice for long tasks: a task is acknowledged only after it ran
 (``acks_late``), re-queued when its worker process dies (``task_reject_on_worker_lost``), and
@@ -69,19 +69,14 @@ def make_celery(config: Config) -> Celery:
     return app
 
 
-def enqueue_retrieve(app: Celery, job_id: str, priority: int) -> None:
-    """Put a recorded job on the queue.
+def enqueue_retrieves(app: Celery, jobs: list[tuple[str, int]]) -> None:
+    """Put recorded jobs (id, priority) on the queue: one broker connection, and one Redis
+    pipeline for all of them (kombu's publish batch).
 
     ``ignore_result``: job state lives in the job store, and without it Celery subscribes to
     (and later unsubscribes from) a result channel per task, tripling the Redis round trips
     of ``POST /jobs``."""
-    app.send_task(RETRIEVE_TASK, args=[job_id], queue=QUEUE, priority=redis_priority(priority),
-                  ignore_result=True)
-
-
-def enqueue_retrieves(app: Celery, jobs: list[tuple[str, int]]) -> None:
-    """Put many recorded jobs (id, priority) on the queue over one broker connection."""
-    with app.producer_or_acquire() as producer:
+    with app.producer_or_acquire() as producer, producer.batch():
         for job_id, priority in jobs:
             app.send_task(RETRIEVE_TASK, args=[job_id], queue=QUEUE,
                           priority=redis_priority(priority), producer=producer,

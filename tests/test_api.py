@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from pacsfetch.api.app import create_app
 from pacsfetch.config import Config, ConfigError
-from pacsfetch.queue import QUEUE, RETRIEVE_TASK
+from pacsfetch.queue import QUEUE, RETRIEVE_TASK, make_celery
 
 STUDY = "1.2.826.0.1.3680043.8.498.77"
 EXTRA_SOURCE = {"pacs2": {"ae_title": "PACS2", "host": "127.0.0.1", "port": 11112}}
@@ -128,6 +128,21 @@ def test_health_reports_redis_down(config_factory: Callable[..., Config], tmp_pa
         update={"url": "redis://127.0.0.1:1/0"})})
     response = TestClient(create_app(dead)).get("/healthz")
     assert response.status_code == 503 and response.json()["redis"] == "unreachable"
+
+
+def test_queue_down_answers_503_and_the_record_says_why(config: Config, redis_url: str) -> None:
+    """Job store reachable, broker not: nothing may look queued that no worker will ever see."""
+    app = create_app(config)
+    dead = config.model_copy(update={"broker": config.broker.model_copy(
+        update={"url": "redis://127.0.0.1:1/0"})})
+    app.state.celery = make_celery(dead)
+    client = TestClient(app)
+    response = client.post("/jobs", json=_job())
+    assert response.status_code == 503 and "queue" in response.json()["detail"]
+    [job] = client.get("/jobs").json()["items"]
+    assert job["status"] == "failed" and job["error_kind"] == "queue"
+    assert "could not enqueue" in job["error"]
+    assert queued_messages(redis_url) == []
 
 
 def test_token_required_when_configured(config: Config, monkeypatch: pytest.MonkeyPatch) -> None:
