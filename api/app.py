@@ -2,16 +2,34 @@
 
 from __future__ import annotations
 
+import gc
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import Depends, FastAPI, status
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from pacsfetch import __version__
 from pacsfetch.api import jobs, metrics, sources
 from pacsfetch.api.auth import TOKEN_ENV, api_token, require_token
 from pacsfetch.api.schemas import Health
+from pacsfetch.api.submit import GroupCommit
 from pacsfetch.config import Config, ConfigError, load_config
 from pacsfetch.jobstore import JobStore
 from pacsfetch.queue import make_celery
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    await run_in_threadpool(app.state.submitter.warm)
+    # What exists now (modules, the app, pydantic schemas: ~80,000 objects) lives as long as
+    # the process; kept out of the collector, a full collection no longer stalls every
+    # request in flight for tens of milliseconds.
+    gc.freeze()
+    yield
+    # Answer the submissions already taken before the process goes (a stopping pod, say).
+    await run_in_threadpool(app.state.submitter.close)
 
 
 def create_app(config: Config | None = None) -> FastAPI:
@@ -21,6 +39,7 @@ def create_app(config: Config | None = None) -> FastAPI:
     if config.api.require_token and token is None:
         raise ConfigError(f"api.require_token is true but {TOKEN_ENV} is not set")
     app = FastAPI(
+        lifespan=_lifespan,
         title="pacsfetch",
         version=__version__,
         description="Enqueue DICOM retrieve jobs and follow their progress.",
@@ -29,6 +48,7 @@ def create_app(config: Config | None = None) -> FastAPI:
     app.state.token = token
     app.state.jobstore = JobStore.from_url(config.broker.url)
     app.state.celery = make_celery(config)
+    app.state.submitter = GroupCommit(app.state.jobstore, app.state.celery)
     app.state.metrics = metrics.build_registry(config.broker.url, app.state.jobstore)
     protected = [Depends(require_token)]
     app.include_router(jobs.router, dependencies=protected)

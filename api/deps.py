@@ -10,6 +10,7 @@ from __future__ import annotations
 from celery import Celery
 from fastapi import Request
 
+from pacsfetch.api.submit import GroupCommit
 from pacsfetch.config import Config
 from pacsfetch.jobstore import JobStore
 
@@ -24,3 +25,7 @@ async def get_jobstore(request: Request) -> JobStore:
 
 async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
+
+
+async def get_submitter(request: Request) -> GroupCommit:
+    return request.app.state.submitter

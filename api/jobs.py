@@ -7,10 +7,9 @@ from typing import Annotated
 
 from celery import Celery
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 
-from pacsfetch.api.deps import get_celery, get_config, get_jobstore
+from pacsfetch.api.deps import get_celery, get_config, get_jobstore, get_submitter
 from pacsfetch.api.schemas import (
     InstancePage,
     JobAccepted,
@@ -19,17 +18,18 @@ from pacsfetch.api.schemas import (
     JobPage,
     StoredInstance,
 )
+from pacsfetch.api.submit import GroupCommit, record_and_enqueue
 from pacsfetch.config import Config
 from pacsfetch.jobstore import JobNotFound, JobStore
 from pacsfetch.metrics import JOBS_SUBMITTED
 from pacsfetch.models import JobRecord, JobRequest, JobStatus
-from pacsfetch.queue import enqueue_retrieves
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 ConfigDep = Annotated[Config, Depends(get_config)]
 StoreDep = Annotated[JobStore, Depends(get_jobstore)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+SubmitterDep = Annotated[GroupCommit, Depends(get_submitter)]
 
 
 def _field_error(field: str, message: str, kind: str,
@@ -59,20 +59,6 @@ def check_against_config(request: JobRequest, config: Config,
                            "unknown_transport", where)
 
 
-def _record_and_enqueue(store: JobStore, celery: Celery,
-                        requests: list[JobRequest]) -> list[JobRecord]:
-    """Record jobs, then queue them; if the queue refuses, the records say so (503)."""
-    records = store.create_many(requests)
-    try:
-        enqueue_retrieves(celery, [(r.id, r.request.priority) for r in records])
-    except Exception as exc:
-        for record in records:
-            store.transition(record.id, JobStatus.FAILED, error=f"could not enqueue: {exc}",
-                             error_kind="queue")
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the queue is unavailable") from None
-    return records
-
-
 def _job(store: JobStore, job_id: str) -> JobRecord:
     try:
         return store.get(job_id)
@@ -83,12 +69,10 @@ def _job(store: JobStore, job_id: str) -> JobRecord:
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
              responses={422: {"description": "A field is invalid; `detail[].loc` names it."}})
 async def submit_job(request: JobRequest, response: Response, config: ConfigDep,
-                     store: StoreDep, celery: CeleryDep) -> JobAccepted:
+                     submitter: SubmitterDep) -> JobAccepted:
     """Record a retrieve job and put it on the queue; follow it at the `Location` URL."""
     check_against_config(request, config)
-    # One thread-pool hop for the two blocking calls; a plain ``def`` endpoint would take a
-    # second one just to serialise the reply.
-    [record] = await run_in_threadpool(_record_and_enqueue, store, celery, [request])
+    record = await submitter.submit(request)
     JOBS_SUBMITTED.labels(request.source, request.transport, request.store).inc()
     response.headers["Location"] = f"/jobs/{record.id}"
     return JobAccepted(id=record.id, status=record.status)
@@ -105,7 +89,7 @@ def submit_jobs(batch: JobBatch, config: ConfigDep, store: StoreDep,
     """
     for index, request in enumerate(batch.jobs):
         check_against_config(request, config, ("body", "jobs", index))
-    records = _record_and_enqueue(store, celery, batch.jobs)
+    records = record_and_enqueue(store, celery, batch.jobs)
     return JobBatchAccepted(jobs=[JobAccepted(id=r.id, status=r.status) for r in records])
 
 

@@ -11,6 +11,7 @@ import redis
 from fastapi.testclient import TestClient
 
 from pacsfetch.api.app import create_app
+from pacsfetch.api.submit import GroupCommit
 from pacsfetch.config import Config, ConfigError
 from pacsfetch.queue import QUEUE, RETRIEVE_TASK, make_celery
 
@@ -135,7 +136,7 @@ def test_queue_down_answers_503_and_the_record_says_why(config: Config, redis_ur
     app = create_app(config)
     dead = config.model_copy(update={"broker": config.broker.model_copy(
         update={"url": "redis://127.0.0.1:1/0"})})
-    app.state.celery = make_celery(dead)
+    app.state.submitter = GroupCommit(app.state.jobstore, make_celery(dead))
     client = TestClient(app)
     response = client.post("/jobs", json=_job())
     assert response.status_code == 503 and "queue" in response.json()["detail"]
