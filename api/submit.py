@@ -46,7 +46,8 @@ def record_and_enqueue(store: JobStore, celery: Celery,
         for record in records:
             store.transition(record.id, JobStatus.FAILED, error=f"could not enqueue: {exc}",
                              error_kind="queue")
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the queue is unavailable") from None
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
+                            "the queue is unavailable") from None
     return records
 
 

@@ -28,6 +28,7 @@ from pacsfetch.jobstore import JobStore
 from pacsfetch.models import JobRequest, JobStatus, Level
 from pacsfetch.moves import MoveBook
 from pacsfetch.plugins.registry import get_registry
+from pacsfetch.plugins.transports.query import find_instances
 from pacsfetch.sandbox.peers import DcmQrScp, Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.samples import SampleStudy, generate_uniform_study
 from pacsfetch.workers.receiver import MoveReceiver
@@ -73,6 +74,23 @@ def move_orthanc(tmp_path_factory: pytest.TempPathFactory, ports: dict[str, int]
 
 
 @pytest.fixture(scope="module")
+def capped_study(tmp_path_factory: pytest.TempPathFactory) -> SampleStudy:
+    return generate_uniform_study(tmp_path_factory.mktemp("capped-move"), n_instances=30,
+                                  rows=16, columns=16, patient_id="PF-MOVE-CAPPED", seed=130)
+
+
+@pytest.fixture(scope="module")
+def capped_move_orthanc(tmp_path_factory: pytest.TempPathFactory, ports: dict[str, int],
+                        capped_study: SampleStudy) -> Iterator[Orthanc]:
+    """Caps image-level C-FIND answers at 8 (it ends them with 0xFE00 after the matches)."""
+    with Orthanc(tmp_path_factory.mktemp("capped-move-orthanc"), aet="CAPMOVE",
+                 modalities={"PACSFETCH": (RECEIVER_AE, "127.0.0.1", ports["receiver"])},
+                 dicomweb=False, extra_config={"LimitFindInstances": 8}) as server:
+        server.upload_study(capped_study)
+        yield server
+
+
+@pytest.fixture(scope="module")
 def dcmqrscp(tmp_path_factory: pytest.TempPathFactory, ports: dict[str, int],
              studies: list[SampleStudy]) -> Iterator[DcmQrScp]:
     with DcmQrScp(tmp_path_factory.mktemp("move-dcmqrscp"),
@@ -83,7 +101,8 @@ def dcmqrscp(tmp_path_factory: pytest.TempPathFactory, ports: dict[str, int],
 
 @pytest.fixture(scope="module")
 def settings(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer,
-             ports: dict[str, int], move_orthanc: Orthanc, dcmqrscp: DcmQrScp) -> dict[str, Any]:
+             ports: dict[str, int], move_orthanc: Orthanc, capped_move_orthanc: Orthanc,
+             dcmqrscp: DcmQrScp) -> dict[str, Any]:
     """One configuration for the receiver, the workers and inline runs alike."""
     orthanc = {"ae_title": move_orthanc.aet, "host": "127.0.0.1",
                "port": move_orthanc.dicom_port, "calling_ae_title": CALLING_AE,
@@ -95,6 +114,8 @@ def settings(tmp_path_factory: pytest.TempPathFactory, redis_server: RedisServer
             "unknown-dest": {**orthanc, "move_destination": "UNKNOWN"},
             "receiver-down": {**orthanc, "move_destination": "NOWHERE"},
             "silent-dest": {**orthanc, "move_destination": "SILENT", "timeout": 2},
+            "capped": {**orthanc, "ae_title": capped_move_orthanc.aet,
+                       "port": capped_move_orthanc.dicom_port},
             "dcmqrscp": {"ae_title": dcmqrscp.aet, "host": "127.0.0.1", "port": dcmqrscp.port,
                          "calling_ae_title": CALLING_AE, "transports": ["c-move"],
                          "move_destination": RECEIVER_AE, "timeout": 10},
@@ -191,6 +212,26 @@ def test_resumed_job_moves_only_what_is_missing(config: Config, studies: list[Sa
     assert committed == {i.sop_instance_uid for i in study.instances[10:]}
     assert len(state.instances) == len(study.instances)
     assert all(state.instances[i.sop_instance_uid] == '{"local":"earlier"}' for i in done)
+
+
+def test_resumed_move_from_a_capped_pacs_asks_for_the_series_whole(
+        config: Config, capped_study: SampleStudy) -> None:
+    # The PACS lists 8 of 30; all 8 are stored already. Moving only the "missing" listed
+    # ones would move nothing and lose the 22 it never listed.
+    study = capped_study
+    listed = find_instances(config.sources["capped"], JobRequest(
+        source="capped", study_uid=study.study_uid, store="local"))
+    assert len(listed.refs) == 8 and listed.capped_series == {study.series_uids[0]}
+    state = LocalJobState()
+    state.instances = {r.sop_instance_uid: '{"local":"earlier"}' for r in listed.refs}
+    registry = get_registry()
+    runner = JobRunner(config, registry, registry.check_config(config))
+    outcome = runner.run(uuid.uuid4().hex, JobRequest(
+        source="capped", study_uid=study.study_uid, store="local", transport="c-move"), state)
+    assert outcome.status is JobStatus.SUCCEEDED, outcome.error
+    assert set(state.instances) == {i.sop_instance_uid for i in study.instances}
+    unlisted = set(state.instances) - {r.sop_instance_uid for r in listed.refs}
+    assert len(unlisted) == 22 and unlisted <= stored(config, study.study_uid)
 
 
 def test_dcmqrscp_moves_a_series(config: Config, studies: list[SampleStudy]) -> None:

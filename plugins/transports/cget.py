@@ -106,17 +106,21 @@ def _contexts_for(ref: InstanceRef, fallback: Iterable[str]) -> set[Context]:
 
 
 def plan_associations(
-    ctx: RetrieveContext, inventory: list[InstanceRef], syntaxes: Iterable[str]
+    ctx: RetrieveContext, inventory: list[InstanceRef], syntaxes: Iterable[str],
+    capped_series: frozenset[str] = frozenset(),
 ) -> list[AssociationPlan]:
     """Pack what is still missing into associations of at most 127 storage contexts.
 
     Instances of unknown SOP class are left out (see :func:`_guess_classes`); their
-    presence only stops the plan from asking for whole series or the whole request.
+    presence only stops the plan from asking for whole series or the whole request. A
+    series in *capped_series* is asked for whole, however much of it is stored: the PACS
+    listed only part of it, so "missing" cannot be known instance by instance.
     """
     syntaxes = tuple(syntaxes)
     request = ctx.request
     missing = [
-        r for r in inventory if r.sop_class_uid and r.sop_instance_uid not in ctx.already_stored
+        r for r in inventory if r.sop_class_uid and (
+            r.sop_instance_uid not in ctx.already_stored or r.series_uid in capped_series)
     ]
     by_series: dict[str, list[InstanceRef]] = defaultdict(list)
     for ref in missing:
@@ -127,7 +131,8 @@ def plan_associations(
     units: list[tuple[str, list[InstanceRef], set[Context], bool]] = []
     for series_uid, refs in by_series.items():
         needed = set().union(*(_contexts_for(r, syntaxes) for r in refs))
-        whole = len(refs) == sum(1 for r in inventory if r.series_uid == series_uid)
+        whole = series_uid in capped_series or len(refs) == sum(
+            1 for r in inventory if r.series_uid == series_uid)
         if len(needed) <= STORAGE_CONTEXTS_PER_ASSOCIATION:
             units.append((series_uid, refs, needed, whole))
             continue
@@ -383,7 +388,8 @@ class CGetTransport:
     def retrieve(self, ctx: RetrieveContext) -> RetrieveResult:
         source = ctx.source
         where = f"{source.ae_title}@{source.host}:{source.port}"
-        inventory = find_instances(source, ctx.request)
+        found = find_instances(source, ctx.request)
+        inventory = found.refs
         expected = frozenset(r.sop_instance_uid for r in inventory)
         if not inventory:
             raise RetrieveError(
@@ -392,7 +398,7 @@ class CGetTransport:
                 "UIDs, or whether the PACS lets this AE see the study.",
             )
         syntaxes = source.transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES
-        plans = plan_associations(ctx, inventory, syntaxes)
+        plans = plan_associations(ctx, inventory, syntaxes, found.capped_series)
         counters = _Counters()
         handler = _on_c_store(ctx, counters)
         unknown = [r for r in inventory

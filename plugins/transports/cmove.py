@@ -39,7 +39,7 @@ from pacsfetch.plugins.dimse import (
 )
 from pacsfetch.plugins.transports.query import (
     UIDS_PER_QUERY,
-    InstanceRef,
+    Inventory,
     chunks,
     find_instances,
     retrieve_identifier,
@@ -53,22 +53,24 @@ SETTLE_POLL = 0.05
 """Seconds between looks at the receiver's records while waiting for the last instances."""
 
 
-def move_identifiers(ctx: RetrieveContext, inventory: list[InstanceRef]) -> list[Dataset]:
-    """Ask as the job asked when nothing is stored yet; else only for the missing instances."""
+def move_identifiers(ctx: RetrieveContext, found: Inventory) -> list[Dataset]:
+    """Ask as the job asked when nothing is stored yet; else only for the missing instances,
+    and for the whole of any series the PACS listed only in part (see :class:`Inventory`)."""
     request = ctx.request
+    inventory = found.refs
     missing = [r for r in inventory if r.sop_instance_uid not in ctx.already_stored]
     if len(missing) == len(inventory) and request.level is not Level.IMAGE:
         return [retrieve_identifier(request.level, request.study_uid, request.series_uid)]
+    whole = found.capped_series if request.level is not Level.IMAGE else frozenset()
     by_series: dict[str, list[str]] = {}
     for ref in missing:
-        by_series.setdefault(ref.series_uid, []).append(ref.sop_instance_uid)
-    return [
+        if ref.series_uid not in whole:
+            by_series.setdefault(ref.series_uid, []).append(ref.sop_instance_uid)
+    return [retrieve_identifier(Level.SERIES, request.study_uid, uid) for uid in sorted(whole)] + [
         retrieve_identifier(Level.IMAGE, request.study_uid, series_uid, part)
         for series_uid, uids in by_series.items()
         for part in chunks(uids, UIDS_PER_QUERY)
     ]
-
-
 
 
 class CMoveTransport:
@@ -90,7 +92,8 @@ class CMoveTransport:
         if ctx.moves is None:
             raise RetrieveError(ErrorKind.CONFIG, "C-MOVE needs the broker (Redis) that "
                                 "connects workers with `pacsfetch receiver`")
-        inventory = find_instances(source, ctx.request)
+        found = find_instances(source, ctx.request)
+        inventory = found.refs
         if not inventory:
             raise RetrieveError(
                 ErrorKind.QUERY,
@@ -103,7 +106,7 @@ class CMoveTransport:
         try:
             assoc = associate(source, [build_context(MOVE_MODEL)], purpose="C-MOVE")
             try:
-                for identifier in move_identifiers(ctx, inventory):
+                for identifier in move_identifiers(ctx, found):
                     self._move(ctx, assoc, identifier, moves, counters, where, destination)
                     if counters.cancelled:
                         break

@@ -8,6 +8,7 @@ the hierarchy (series, then instances per series), which every Q/R SCP supports.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -21,6 +22,8 @@ from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import JobRequest, Level
 from pacsfetch.plugins.dimse import associate
 from pacsfetch.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
 
 FIND_MODEL = StudyRootQueryRetrieveInformationModelFind
 UIDS_PER_QUERY = 100
@@ -59,7 +62,26 @@ def retrieve_identifier(level: Level, study_uid: str, series_uid: str | None = N
     return ds
 
 
-def _find(assoc: Association, identifier: Dataset, where: str) -> Iterator[Dataset]:
+@dataclass(frozen=True)
+class Inventory:
+    """What the PACS listed for a job, and where its list was cut short."""
+
+    refs: list[InstanceRef]
+    capped_series: frozenset[str] = frozenset()
+    """Series whose IMAGE-level answer the PACS capped (Orthanc's ``LimitFindInstances``
+    ends it with 0xFE00, vendors with 0xA700 or a silent success at their limit). There is
+    no key to split such a query by, so these series are asked for whole, never by
+    instance list, and the PACS's own sub-operation counts say whether all arrived."""
+
+
+def _find(assoc: Association, identifier: Dataset, where: str,
+          max_results: int) -> tuple[list[Dataset], bool]:
+    """The matches, and whether the PACS cut the answer short.
+
+    A failure status after at least one match is a cap, as is exactly *max_results*
+    matches (the source's known limit); a failure with no match is an error.
+    """
+    matches: list[Dataset] = []
     for status, found in assoc.send_c_find(identifier, FIND_MODEL):
         code = getattr(status, "Status", None)
         if code is None:
@@ -68,15 +90,20 @@ def _find(assoc: Association, identifier: Dataset, where: str) -> Iterator[Datas
             )
         if code in (0xFF00, 0xFF01):
             if found is not None:
-                yield found
-        elif code != 0x0000:
+                matches.append(found)
+        elif code == 0x0000:
+            return matches, 0 < max_results <= len(matches)
+        elif matches:
+            return matches, True
+        else:
             raise RetrieveError(
                 ErrorKind.QUERY, f"{where} answered a C-FIND with failure status 0x{code:04X}"
             )
+    return matches, False
 
 
-def find_instances(source: SourceConfig, request: JobRequest) -> list[InstanceRef]:
-    """Every instance of the job's scope the PACS holds (invalid UIDs from the wire dropped).
+def find_instances(source: SourceConfig, request: JobRequest) -> Inventory:
+    """Every instance of the job's scope the PACS lists (invalid UIDs from the wire dropped).
 
     Some PACS (dcmqrscp) do not return SOP Class UID at image level: ``sop_class_uid`` is
     then empty, and ``modality`` says what the C-GET transport should guess.
@@ -90,17 +117,27 @@ def find_instances(source: SourceConfig, request: JobRequest) -> list[InstanceRe
         query.StudyInstanceUID = request.study_uid
         query.SeriesInstanceUID = request.series_uid or ""
         query.Modality = ""
+        found_series, capped = _find(assoc, query, where, source.max_results)
+        if capped:
+            raise RetrieveError(
+                ErrorKind.QUERY,
+                f"{where} cut its series-level C-FIND answer short after "
+                f"{len(found_series)} series, so the job cannot know what the study holds: "
+                "raise the PACS's C-FIND result limit for this AE (Orthanc: LimitFindResults)"
+                + (f" or sources.{request.source}.max_results (now {source.max_results})"
+                   if source.max_results else "") + ".",
+            )
         modalities: dict[str, str | None] = {}
-        for found in _find(assoc, query, where):
+        for found in found_series:
             uid = str(found.get("SeriesInstanceUID", ""))
             if is_valid_uid(uid):
                 modalities[uid] = str(found.get("Modality", "")) or None
         if request.series_uid and not modalities:
             modalities[request.series_uid] = None  # the PACS may not list it; ask anyway
-        series_uids = sorted(modalities)
         wanted = set(request.sop_uids)
         refs: dict[str, InstanceRef] = {}
-        for series_uid in series_uids:
+        capped_series: set[str] = set()
+        for series_uid in sorted(modalities):
             uid_lists = list(chunks(request.sop_uids, UIDS_PER_QUERY)) if wanted else [[]]
             for uid_list in uid_lists:
                 query = Dataset()
@@ -110,11 +147,18 @@ def find_instances(source: SourceConfig, request: JobRequest) -> list[InstanceRe
                 query.SOPInstanceUID = uid_list or ""
                 query.SOPClassUID = ""
                 query.AvailableTransferSyntaxUID = ""
-                for found in _find(assoc, query, where):
+                matches, capped = _find(assoc, query, where, source.max_results)
+                if capped:
+                    capped_series.add(series_uid)
+                for found in matches:
                     ref = _instance_ref(found, series_uid, modalities[series_uid])
                     if ref and (not wanted or ref.sop_instance_uid in wanted):
                         refs[ref.sop_instance_uid] = ref
-        return list(refs.values())
+        if capped_series:
+            log.warning("the PACS capped image-level C-FIND answers; those series are "
+                        "retrieved whole", extra={"source": request.source,
+                                                  "capped_series": len(capped_series)})
+        return Inventory(list(refs.values()), frozenset(capped_series))
     finally:
         assoc.release()
 
