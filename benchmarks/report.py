@@ -128,3 +128,35 @@ def targets_table(targets: list[dict[str, Any]]) -> str:
 def write(path: Path, results: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+_TOOL_NAMES = {"dcmtk-getscu": "DCMTK getscu", "pynetdicom-getscu": "pynetdicom getscu",
+               "pacsfetch-inline": "pacsfetch retrieve", "pacsfetch-queued": "pacsfetch job"}
+_STUDY_NAMES = {"scaling": "4 studies at once"}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README's tables, from a results file: the measurements, then the targets."""
+    lines = ["| tool | transport | study | Orthanc | workers | time | instances/s | MB/s "
+             "| peak RSS | first instance |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results["measurements"]:
+        first = "" if r["first_instance_s"] is None else f"{r['first_instance_s']:.2f} s"
+        workers = r["workers"] if r["tool"] == "pacsfetch-queued" else ""
+        lines.append(
+            f"| {_TOOL_NAMES.get(r['tool'], r['tool'])} | {r['transport'] or ''} "
+            f"| {_STUDY_NAMES.get(r['study'], r['study'])} "
+            f"| {'Nagle on' if r['peer'] == 'nagle' else 'Nagle off'} | {workers} "
+            f"| {r['seconds']:.2f} s | {r['instances_per_s']:,.0f} | {r['mb_per_s']:.1f} "
+            f"| {r['peak_rss_mb']:.0f} MB | {first} |")
+    lines += ["", "| target (issue #5) | measured | goal | |", "|---|---|---|---|"]
+    for t in results["targets"]:
+        mark = {True: "met", False: "not met", None: ""}[t["met"]]
+        lines.append(f"| {t['target']} | {t['value']} | {t['goal']} | {mark} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1] if len(sys.argv) > 1
+                                   else ".bench/results.json").read_text())))
