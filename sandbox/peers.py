@@ -388,12 +388,16 @@ class StoreScp(_Peer):
     It accepts every storage SOP class (known or not) in every transfer syntax it knows and
     writes the data set exactly as received (no transcoding), one ``<modality>.<SOP Instance
     UID>.dcm`` file per instance; each association is served by a child process of its own.
+    *stall_s* makes it sit on every C-STORE for that long before answering: an archive
+    that stalls under load, on purpose.
     """
 
-    def __init__(self, workdir: Path, *, aet: str = "STORESCP", port: int | None = None) -> None:
+    def __init__(self, workdir: Path, *, aet: str = "STORESCP", port: int | None = None,
+                 stall_s: int = 0) -> None:
         super().__init__(workdir, "storescp")
         self.aet = aet
         self.port = port or free_port()
+        self.stall_s = stall_s
         self.received_dir = self.workdir / "received"
         self.received_dir.mkdir(exist_ok=True)
 
@@ -401,7 +405,8 @@ class StoreScp(_Peer):
         return [_installed(_STORESCP), "--aetitle", self.aet,
                 "--output-directory", str(self.received_dir), "--filename-extension", ".dcm",
                 "--accept-all", "--promiscuous", "--bit-preserving", "--fork",
-                "--disable-host-lookup", str(self.port)]
+                "--disable-host-lookup",
+                *(["--sleep-during", str(self.stall_s)] if self.stall_s else []), str(self.port)]
 
     def _environment(self) -> dict[str, str]:
         return {**os.environ, **_NAGLE_OFF}

@@ -14,7 +14,7 @@ from pydicom import dcmread
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
 
 from pacsfetch.config import ConfigError, parse_config
-from pacsfetch.errors import RetrieveError
+from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.plugins.contracts import IncomingInstance
 from pacsfetch.plugins.dicomfile import read_identity
 from pacsfetch.plugins.registry import get_registry
@@ -134,6 +134,21 @@ def test_unreachable_destination_fails_every_instance_with_the_reason(
 
 def stow_session(url: str, **settings: str) -> StowRsSession:
     return StowRsBackend().open("web", StowRsSettings(url=url, timeout=10, **settings), "job")
+
+
+def test_stalling_archive_costs_a_fresh_association_then_fails_the_instance_saying_so(
+        tmp_path: Path, mixed_study: SampleStudy) -> None:
+    # storescp sits on every C-STORE for 3 s; the store waits 1 s per answer. Each stall
+    # must be noticed, answered with a fresh association, and the end told plainly.
+    with StoreScp(tmp_path / "stalling", aet="SLOWPACS", stall_s=3) as slow:
+        session = forward_session(slow.aet, slow.port, timeout=1)
+        with pytest.raises(RetrieveError) as info:
+            session.commit(session.write(spooled(mixed_study.instances[0], tmp_path / "spool")))
+        session.close()
+    assert session.resends == 2
+    assert info.value.kind is ErrorKind.ASSOCIATION_ABORTED
+    assert "did not answer the C-STORE within 1 s" in info.value.message
+    assert "2 times" in info.value.message
 
 
 def test_stowrs_into_orthanc(archive: Orthanc, mixed_study: SampleStudy, big_study: SampleStudy,
