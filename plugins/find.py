@@ -21,7 +21,7 @@ from pynetdicom.presentation import build_context
 
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
-from pacsfetch.plugins.dimse import associate
+from pacsfetch.plugins.dimse import associate, quiet_reactor
 from pacsfetch.plugins.transports.query import FIND_MODEL
 from pacsfetch.studyquery import (
     StudyList,
@@ -67,6 +67,7 @@ class _Search:
         self.queries += 1
         identifier = _identifier(self.query, study_date)
         matches = 0
+        quiet_reactor(self.assoc)
         for status, found in self.assoc.send_c_find(identifier, FIND_MODEL):
             code = getattr(status, "Status", None)
             if code is None:

@@ -51,6 +51,7 @@ from pacsfetch.plugins.dimse import (
     STORE_STATUS,
     SubOperations,
     associate,
+    quiet_reactor,
     status_hint,
     sub_operation_counts,
 )
@@ -264,6 +265,7 @@ def _run_gets(
         base = (counters.completed, counters.failed, counters.warning)
         cancel_sent = False
         final_code: int | None = None
+        quiet_reactor(assoc)
         for status, reply in assoc.send_c_get(identifier, GET_MODEL, msg_id=msg_id):
             code = getattr(status, "Status", None)
             if code is None:

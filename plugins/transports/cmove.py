@@ -34,6 +34,7 @@ from pacsfetch.plugins.dimse import (
     PENDING,
     SubOperations,
     associate,
+    quiet_reactor,
     status_hint,
     sub_operation_counts,
 )
@@ -135,6 +136,7 @@ class CMoveTransport:
         final_code: int | None = None
         status: Dataset | None = None
         seen = base[0]
+        quiet_reactor(assoc)
         for status, _ in assoc.send_c_move(identifier, destination, MOVE_MODEL, msg_id=msg_id):
             code = getattr(status, "Status", None)
             if code is None:

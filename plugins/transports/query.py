@@ -20,7 +20,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import JobRequest, Level
-from pacsfetch.plugins.dimse import associate
+from pacsfetch.plugins.dimse import associate, quiet_reactor
 from pacsfetch.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,7 @@ def _find(assoc: Association, identifier: Dataset, where: str,
     matches (the source's known limit); a failure with no match is an error.
     """
     matches: list[Dataset] = []
+    quiet_reactor(assoc)
     for status, found in assoc.send_c_find(identifier, FIND_MODEL):
         code = getattr(status, "Status", None)
         if code is None:
