@@ -209,7 +209,7 @@ REACTOR_SETTLE_LIMIT = 0.5
 
 
 def quiet_reactor(assoc: Association) -> None:
-    """Call before every ``send_c_find``/``send_c_get``/``send_c_move`` on *assoc*.
+    """Call before every ``send_c_find``/``send_c_get``/``send_c_move``/``send_c_store``.
 
     pynetdicom pauses an association's reactor thread while a request waits for its
     responses, and judges it paused by a flag the reactor sets just *before* it waits on

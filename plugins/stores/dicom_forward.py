@@ -37,7 +37,7 @@ from pacsfetch import hookimpl
 from pacsfetch.config import AETitle, SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
-from pacsfetch.plugins.dimse import MAX_PRESENTATION_CONTEXTS, associate
+from pacsfetch.plugins.dimse import MAX_PRESENTATION_CONTEXTS, associate, quiet_reactor
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +110,7 @@ class DicomForwardSession:
         # one re-association, not the instance: C-STORE of the same instance is idempotent.
         for attempt in range(1, SEND_ATTEMPTS + 1):
             assoc = self._association_for(staged.context)
+            quiet_reactor(assoc)  # else a C-STORE-RSP can be lost to the reactor: a timeout
             status = assoc.send_c_store(staged.path)
             code = getattr(status, "Status", None)
             if code is not None:
