@@ -15,6 +15,7 @@ import asyncio
 import logging
 import queue
 import threading
+from contextlib import suppress
 from dataclasses import dataclass
 
 import redis
@@ -43,9 +44,10 @@ def record_and_enqueue(store: JobStore, celery: Celery,
     try:
         enqueue_retrieves(celery, [(r.id, r.request.priority) for r in records])
     except Exception as exc:
-        for record in records:
-            store.transition(record.id, JobStatus.FAILED, error=f"could not enqueue: {exc}",
-                             error_kind="queue")
+        with suppress(redis.RedisError):  # Redis gone too: the 503 still says what happened
+            for record in records:
+                store.transition(record.id, JobStatus.FAILED, error=f"could not enqueue: {exc}",
+                                 error_kind="queue")
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                             "the queue is unavailable") from None
     return records
