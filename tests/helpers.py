@@ -10,13 +10,19 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import tomli_w
 
+from pacsfetch.config import Config
+from pacsfetch.models import JobRequest
+from pacsfetch.plugins.registry import get_registry
 from pacsfetch.sandbox.peers import Orthanc, free_port
+from pacsfetch.workers.runner import JobRunner, Outcome
+from pacsfetch.workers.state import LocalJobState
 
 CALLING_AE = "PACSFETCH"
 
@@ -123,3 +129,11 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
             return result
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def run_job(config: Config, request: JobRequest, state: LocalJobState | None = None,
+            job_id: str | None = None) -> Outcome:
+    """Run one job inline, as ``pacsfetch retrieve`` does, with the installed plugins."""
+    registry = get_registry()
+    runner = JobRunner(config, registry, registry.check_config(config))
+    return runner.run(job_id or uuid.uuid4().hex, request, state or LocalJobState())

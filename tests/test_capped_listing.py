@@ -8,20 +8,17 @@ series-level list says which series exist; a capped one is an error that names t
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import CALLING_AE, make_config
+from helpers import CALLING_AE, make_config, run_job
 
 from pacsfetch.config import Config, parse_config
 from pacsfetch.models import JobRequest, JobStatus
-from pacsfetch.plugins.registry import get_registry
 from pacsfetch.plugins.transports.query import find_instances
 from pacsfetch.sandbox.peers import Orthanc, RedisServer
 from pacsfetch.sandbox.samples import SampleStudy, generate_uniform_study
-from pacsfetch.workers.runner import JobRunner, Outcome
 from pacsfetch.workers.state import LocalJobState
 
 CAP = 8
@@ -63,12 +60,6 @@ def config(tmp_path: Path, redis_server: RedisServer, image_capped: Orthanc,
                        "series-capped": source(series_capped)}))
 
 
-def run(config: Config, request: JobRequest, state: LocalJobState | None = None) -> Outcome:
-    registry = get_registry()
-    runner = JobRunner(config, registry, registry.check_config(config))
-    return runner.run(uuid.uuid4().hex, request, state or LocalJobState())
-
-
 def stored(config: Config, study: SampleStudy) -> set[str]:
     root = Path(config.stores["local"].settings["root"]) / study.study_uid
     return {p.stem for p in root.rglob("*.dcm")}
@@ -84,8 +75,8 @@ def test_a_capped_image_listing_is_kept_and_its_series_marked(
 
 def test_c_get_brings_the_whole_study_past_the_cap(
         config: Config, series_study: SampleStudy) -> None:
-    outcome = run(config, JobRequest(source="image-capped", study_uid=series_study.study_uid,
-                                     store="local"))
+    outcome = run_job(config, JobRequest(source="image-capped", study_uid=series_study.study_uid,
+                                         store="local"))
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert stored(config, series_study) == {i.sop_instance_uid for i in series_study.instances}
     assert outcome.progress.completed == len(series_study.instances)
@@ -99,8 +90,8 @@ def test_resumed_c_get_asks_for_a_capped_series_whole(
     listed = find_instances(config.sources["image-capped"], JobRequest(
         source="image-capped", study_uid=series_study.study_uid, store="local")).refs
     state.instances = {r.sop_instance_uid: '{"local":"earlier"}' for r in listed}
-    outcome = run(config, JobRequest(source="image-capped", study_uid=series_study.study_uid,
-                                     store="local"), state)
+    outcome = run_job(config, JobRequest(source="image-capped", study_uid=series_study.study_uid,
+                                         store="local"), state)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert set(state.instances) == {i.sop_instance_uid for i in series_study.instances}
     unlisted = {i.sop_instance_uid for i in series_study.instances} - set(
@@ -112,8 +103,8 @@ def test_resumed_c_get_asks_for_a_capped_series_whole(
 def test_a_capped_series_listing_fails_the_job_naming_the_limit(
         config: Config, mixed_study: SampleStudy) -> None:
     assert len(mixed_study.series_uids) > 1
-    outcome = run(config, JobRequest(source="series-capped", study_uid=mixed_study.study_uid,
-                                     store="local"))
+    outcome = run_job(config, JobRequest(source="series-capped", study_uid=mixed_study.study_uid,
+                                         store="local"))
     assert outcome.status is JobStatus.FAILED
     assert outcome.error_kind == "query"
     assert "series-level C-FIND" in outcome.error and "LimitFindResults" in outcome.error

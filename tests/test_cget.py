@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from helpers import run_job
 from pydicom import dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -16,10 +17,8 @@ from pydicom.uid import (
 
 from pacsfetch.config import Config
 from pacsfetch.models import JobRequest, JobStatus, Level
-from pacsfetch.plugins.registry import get_registry
 from pacsfetch.sandbox.peers import DcmQrScp, Orthanc
 from pacsfetch.sandbox.samples import SampleStudy
-from pacsfetch.workers.runner import JobRunner, Outcome
 from pacsfetch.workers.state import LocalJobState
 
 
@@ -28,12 +27,6 @@ def dataset_bytes(part10: bytes) -> bytes:
     assert part10[128:132] == b"DICM"
     group_length = int.from_bytes(part10[140:144], "little")
     return part10[144 + group_length :]
-
-
-def run(config: Config, request: JobRequest, state: LocalJobState | None = None) -> Outcome:
-    registry = get_registry()
-    runner = JobRunner(config, registry, registry.check_config(config))
-    return runner.run("t" * 32, request, state or LocalJobState())
 
 
 def stored_files(root: Path) -> list[Path]:
@@ -54,7 +47,7 @@ def test_study_with_several_sop_classes_and_compressed_syntaxes_is_stored_byte_f
 ) -> None:
     request = JobRequest(source="orthanc", study_uid=mixed_study.study_uid, store="local",
                          transport="c-get")
-    outcome = run(config, request)
+    outcome = run_job(config, request)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.transport == "c-get"
     assert outcome.progress.completed == len(mixed_study.instances)
@@ -78,7 +71,7 @@ def test_series_level(config: Config, mixed_study: SampleStudy) -> None:
     series = mixed_study.series_uids[1]
     request = JobRequest(source="orthanc", level=Level.SERIES, study_uid=mixed_study.study_uid,
                          series_uid=series, store="local")
-    outcome = run(config, request)
+    outcome = run_job(config, request)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     expected = {i.sop_instance_uid for i in mixed_study.instances_of_series(series)}
     assert {p.stem for p in stored_files(_root(config))} == expected
@@ -90,7 +83,7 @@ def test_single_instances(config: Config, mixed_study: SampleStudy, with_series:
     request = JobRequest(source="orthanc", level=Level.IMAGE, study_uid=mixed_study.study_uid,
                          series_uid=chosen[0].series_uid if with_series else None,
                          sop_uids=[i.sop_instance_uid for i in chosen], store="local")
-    outcome = run(config, request)
+    outcome = run_job(config, request)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert {p.stem for p in stored_files(_root(config))} == {i.sop_instance_uid for i in chosen}
 
@@ -100,7 +93,7 @@ def test_resumed_job_asks_only_for_what_is_missing(config: Config, mixed_study: 
     state = LocalJobState()
     state.instances = {i.sop_instance_uid: '{"local":"earlier"}' for i in done}
     request = JobRequest(source="orthanc", study_uid=mixed_study.study_uid, store="local")
-    outcome = run(config, request, state)
+    outcome = run_job(config, request, state)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.progress.skipped == 4
     assert outcome.progress.completed == len(mixed_study.instances)
@@ -111,7 +104,7 @@ def test_resumed_job_asks_only_for_what_is_missing(config: Config, mixed_study: 
 
 def test_study_the_pacs_does_not_hold_fails_with_a_query_error(config: Config) -> None:
     request = JobRequest(source="orthanc", study_uid="1.2.3.4.5.6.7", store="local")
-    outcome = run(config, request)
+    outcome = run_job(config, request)
     assert outcome.status is JobStatus.FAILED
     assert outcome.error_kind == "query" and "C-FIND found none" in (outcome.error or "")
 
@@ -124,7 +117,7 @@ def test_refused_storage_contexts_are_reported_as_negotiation(
     source = config.sources["orthanc"].model_copy(update={"transfer_syntaxes": ["1.2.3.999.1"]})
     config = config.model_copy(update={"sources": {"orthanc": source}})
     request = JobRequest(source="orthanc", study_uid=mixed_study.study_uid, store="local")
-    outcome = run(config, request)
+    outcome = run_job(config, request)
     assert outcome.status is JobStatus.FAILED
     assert outcome.error_kind == "negotiation"
     assert "refused every storage presentation context" in (outcome.error or "")
@@ -142,7 +135,7 @@ def test_pacs_down_is_a_connection_error(config_factory: Callable[..., Config]) 
     from pacsfetch.errors import RetrieveError
 
     with pytest.raises(RetrieveError) as info:
-        run(config, request)
+        run_job(config, request)
     assert info.value.kind == "connection" and info.value.retryable
     assert f"cannot connect to 127.0.0.1:{port}" in info.value.message
 
@@ -153,7 +146,7 @@ def test_silent_peer_is_a_timeout(config_factory: Callable[..., Config], silent_
     from pacsfetch.errors import RetrieveError
 
     with pytest.raises(RetrieveError) as info:
-        run(config, JobRequest(source="mute", study_uid="1.2.3", store="local"))
+        run_job(config, JobRequest(source="mute", study_uid="1.2.3", store="local"))
     assert info.value.kind == "timeout"
     assert "did not answer the association request" in info.value.message
 
@@ -173,7 +166,7 @@ def test_dcmtk_archive_study_is_stored_byte_for_byte(
     config = config_factory(extra_sources={"dcmtk": {
         "ae_title": dcmqrscp.aet, "host": "127.0.0.1", "port": dcmqrscp.port, "timeout": 10}})
     request = JobRequest(source="dcmtk", study_uid=mixed_study.study_uid, store="local")
-    outcome = run(config, request)
+    outcome = run_job(config, request)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     files = stored_files(_root(config))
     assert len(files) == len(mixed_study.instances)

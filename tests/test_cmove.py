@@ -15,7 +15,15 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import CALLING_AE, ReceiverProcess, WorkerProcess, make_config, wait_for, write_toml
+from helpers import (
+    CALLING_AE,
+    ReceiverProcess,
+    WorkerProcess,
+    make_config,
+    run_job,
+    wait_for,
+    write_toml,
+)
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
@@ -32,7 +40,6 @@ from pacsfetch.plugins.transports.query import find_instances
 from pacsfetch.sandbox.peers import DcmQrScp, Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.samples import SampleStudy, generate_uniform_study
 from pacsfetch.workers.receiver import MoveReceiver
-from pacsfetch.workers.runner import JobRunner, Outcome
 from pacsfetch.workers.state import LocalJobState
 
 RECEIVER_AE = "PACSFETCH"
@@ -160,12 +167,6 @@ def test_bad_receiver_or_move_settings_name_the_key(data: dict[str, Any], key: s
     assert key in str(info.value)
 
 
-def run(config: Config, request: JobRequest) -> Outcome:
-    registry = get_registry()
-    runner = JobRunner(config, registry, registry.check_config(config))
-    return runner.run(uuid.uuid4().hex, request, LocalJobState())
-
-
 def root(config: Config) -> Path:
     return Path(config.stores["local"].settings["root"])
 
@@ -178,8 +179,8 @@ def test_orthanc_moves_a_study_with_several_sop_classes_to_the_receiver(
     config: Config, move_orthanc: Orthanc, mixed_study: SampleStudy
 ) -> None:
     # Orthanc sends the originator AE title and message ID: matched by those.
-    outcome = run(config, JobRequest(source="orthanc", study_uid=mixed_study.study_uid,
-                                     store="local", transport="c-move"))
+    outcome = run_job(config, JobRequest(source="orthanc", study_uid=mixed_study.study_uid,
+                                         store="local", transport="c-move"))
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.transport == "c-move"
     assert outcome.progress.completed == len(mixed_study.instances)
@@ -197,11 +198,10 @@ def test_resumed_job_moves_only_what_is_missing(config: Config, studies: list[Sa
     done = study.instances[:10]
     state = LocalJobState()
     state.instances = {i.sop_instance_uid: '{"local":"earlier"}' for i in done}
-    registry = get_registry()
-    runner = JobRunner(config, registry, registry.check_config(config))
     job_id = uuid.uuid4().hex
-    outcome = runner.run(job_id, JobRequest(
-        source="orthanc", study_uid=study.study_uid, store="local", transport="c-move"), state)
+    outcome = run_job(config, JobRequest(
+        source="orthanc", study_uid=study.study_uid, store="local", transport="c-move"), state,
+        job_id)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.progress.skipped == 10
     assert outcome.progress.completed == len(study.instances)
@@ -224,9 +224,7 @@ def test_resumed_move_from_a_capped_pacs_asks_for_the_series_whole(
     assert len(listed.refs) == 8 and listed.capped_series == {study.series_uids[0]}
     state = LocalJobState()
     state.instances = {r.sop_instance_uid: '{"local":"earlier"}' for r in listed.refs}
-    registry = get_registry()
-    runner = JobRunner(config, registry, registry.check_config(config))
-    outcome = runner.run(uuid.uuid4().hex, JobRequest(
+    outcome = run_job(config, JobRequest(
         source="capped", study_uid=study.study_uid, store="local", transport="c-move"), state)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert set(state.instances) == {i.sop_instance_uid for i in study.instances}
@@ -237,8 +235,9 @@ def test_resumed_move_from_a_capped_pacs_asks_for_the_series_whole(
 def test_dcmqrscp_moves_a_series(config: Config, studies: list[SampleStudy]) -> None:
     study = studies[0]
     series = study.series_uids[0]
-    outcome = run(config, JobRequest(source="dcmqrscp", level=Level.SERIES,
-                                     study_uid=study.study_uid, series_uid=series, store="local"))
+    outcome = run_job(config, JobRequest(source="dcmqrscp", level=Level.SERIES,
+                                         study_uid=study.study_uid, series_uid=series,
+                                         store="local"))
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert stored(config, study.study_uid) == {i.sop_instance_uid for i in study.instances}
 
@@ -246,9 +245,9 @@ def test_dcmqrscp_moves_a_series(config: Config, studies: list[SampleStudy]) -> 
 def test_single_instances_by_c_move(config: Config, studies: list[SampleStudy]) -> None:
     study = studies[1]
     chosen = [i.sop_instance_uid for i in study.instances[:3]]
-    outcome = run(config, JobRequest(source="orthanc", level=Level.IMAGE,
-                                     study_uid=study.study_uid, sop_uids=chosen, store="local",
-                                     transport="c-move"))
+    outcome = run_job(config, JobRequest(source="orthanc", level=Level.IMAGE,
+                                         study_uid=study.study_uid, sop_uids=chosen, store="local",
+                                         transport="c-move"))
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.progress.completed == 3
     assert set(chosen) <= stored(config, study.study_uid)
@@ -257,8 +256,8 @@ def test_single_instances_by_c_move(config: Config, studies: list[SampleStudy]) 
 def test_unknown_move_destination_says_what_to_configure_on_the_pacs(
     config: Config, studies: list[SampleStudy]
 ) -> None:
-    outcome = run(config, JobRequest(source="unknown-dest", study_uid=studies[2].study_uid,
-                                     store="local", transport="c-move"))
+    outcome = run_job(config, JobRequest(source="unknown-dest", study_uid=studies[2].study_uid,
+                                         store="local", transport="c-move"))
     assert outcome.status is JobStatus.FAILED
     assert outcome.error_kind == "move-destination"
     # Orthanc 1.10 answers 0xC000 (not 0xA801) for an unknown destination: both causes named.
@@ -269,8 +268,8 @@ def test_unknown_move_destination_says_what_to_configure_on_the_pacs(
 def test_dcmqrscp_answers_an_unknown_destination_with_a801(
     config: Config, studies: list[SampleStudy]
 ) -> None:
-    outcome = run(config, JobRequest(source="dcmqrscp-unknown", study_uid=studies[0].study_uid,
-                                     store="local"))
+    outcome = run_job(config, JobRequest(source="dcmqrscp-unknown", study_uid=studies[0].study_uid,
+                                         store="local"))
     assert outcome.status is JobStatus.FAILED
     assert outcome.error_kind == "move-destination"
     assert "does not know move destination 'UNKNOWN' (status 0xA801)" in (outcome.error or "")
@@ -280,8 +279,8 @@ def test_receiver_unreachable_from_the_pacs_is_explained(
     config: Config, studies: list[SampleStudy]
 ) -> None:
     # NOWHERE is a destination Orthanc knows, at a port where no receiver listens.
-    outcome = run(config, JobRequest(source="receiver-down", study_uid=studies[2].study_uid,
-                                     store="local", transport="c-move"))
+    outcome = run_job(config, JobRequest(source="receiver-down", study_uid=studies[2].study_uid,
+                                         store="local", transport="c-move"))
     assert outcome.status is JobStatus.FAILED
     assert outcome.error_kind == "move-destination"
     assert "is `pacsfetch receiver` running and reachable from the PACS" in (outcome.error or "")
@@ -292,8 +291,8 @@ def test_pacs_stuck_connecting_to_the_destination_is_a_timeout_naming_the_back_c
     config: Config, studies: list[SampleStudy]
 ) -> None:
     with pytest.raises(RetrieveError) as info:
-        run(config, JobRequest(source="silent-dest", study_uid=studies[2].study_uid,
-                               store="local", transport="c-move"))
+        run_job(config, JobRequest(source="silent-dest", study_uid=studies[2].study_uid,
+                                   store="local", transport="c-move"))
     assert info.value.kind == "timeout" and info.value.retryable
     assert "stuck connecting to move destination 'SILENT'" in info.value.message
     assert "NAT/firewall" in info.value.message
@@ -302,8 +301,8 @@ def test_pacs_stuck_connecting_to_the_destination_is_a_timeout_naming_the_back_c
 def test_auto_falls_back_to_c_get_when_the_destination_is_unknown(
     config: Config, studies: list[SampleStudy]
 ) -> None:
-    outcome = run(config, JobRequest(source="unknown-dest", study_uid=studies[2].study_uid,
-                                     store="local"))
+    outcome = run_job(config, JobRequest(source="unknown-dest", study_uid=studies[2].study_uid,
+                                         store="local"))
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.transport == "c-get"
 

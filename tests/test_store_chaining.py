@@ -13,16 +13,14 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
-from helpers import make_config, write_toml
+from helpers import make_config, run_job, write_toml
 
 from pacsfetch.api.app import create_app
 from pacsfetch.cli import main
 from pacsfetch.config import Config, StoreConfig
 from pacsfetch.models import JobRequest, JobStatus
-from pacsfetch.plugins.registry import get_registry
 from pacsfetch.sandbox.peers import Orthanc, S3Server, StoreScp, free_port
 from pacsfetch.sandbox.samples import SampleStudy
-from pacsfetch.workers.runner import JobRunner, Outcome
 from pacsfetch.workers.state import LocalJobState
 
 
@@ -55,11 +53,6 @@ def s3_store(server: S3Server, bucket: str) -> dict[str, Any]:
             "region": server.region, "prefix": "migrated", "max_attempts": 1, "timeout": 5}
 
 
-def run(config: Config, request: JobRequest, state: LocalJobState) -> Outcome:
-    registry = get_registry()
-    return JobRunner(config, registry, registry.check_config(config)).run("c" * 32, request, state)
-
-
 def test_one_job_writes_filesystem_s3_and_forwards(
     config_factory: Callable[..., Config], orthanc: Orthanc, mixed_study: SampleStudy,
     aws_credentials: S3Server, bucket: str, new_archive: StoreScp, tmp_path: Path,
@@ -73,7 +66,7 @@ def test_one_job_writes_filesystem_s3_and_forwards(
     state = LocalJobState()
     request = JobRequest(source="orthanc", study_uid=mixed_study.study_uid,
                          stores=["local", "archive", "newpacs"])
-    outcome = run(config, request, state)
+    outcome = run_job(config, request, state)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.progress.completed == len(mixed_study.instances)
     assert set(state.instances) == {i.sop_instance_uid for i in mixed_study.instances}
@@ -102,7 +95,7 @@ def test_a_failing_store_fails_the_job_by_name_and_leaves_the_others_empty(
     )
     request = JobRequest(source="orthanc", study_uid=mixed_study.study_uid,
                          stores=["newpacs", "local"])
-    outcome = run(config, request, LocalJobState())
+    outcome = run_job(config, request, LocalJobState())
     assert outcome.status is JobStatus.FAILED
     assert outcome.error_kind == "store"
     assert "failing store(s): 'newpacs'" in (outcome.error or "")
@@ -119,7 +112,7 @@ def test_a_store_that_cannot_open_fails_before_the_pacs_is_asked(
                          archive=s3_store(aws_credentials, "pf-missing-bucket"))
     request = JobRequest(source="orthanc", study_uid=mixed_study.study_uid,
                          stores=["local", "archive"])
-    outcome = run(config, request, LocalJobState())
+    outcome = run_job(config, request, LocalJobState())
     assert outcome.status is JobStatus.FAILED and outcome.error_kind == "store"
     assert outcome.error is not None and outcome.error.startswith("store 'archive': ")
     assert "bucket 'pf-missing-bucket' does not exist" in outcome.error
