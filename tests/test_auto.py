@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from helpers import CALLING_AE
+from helpers import CALLING_AE, run_job
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from test_cget import run, stored_files
+from test_cget import stored_files
 from test_dicomweb import _root
 
 from pacsfetch.config import Config
@@ -27,8 +27,8 @@ def test_refused_c_get_falls_back_to_dicomweb_and_says_why(
         "calling_ae_title": CALLING_AE, "transports": ["c-get", "dicomweb"],
         "dicomweb_url": orthanc.dicomweb_url, "transfer_syntaxes": ["1.2.3.999.1"],
         "timeout": 10}})
-    outcome = run(config, JobRequest(source="pacs", study_uid=mixed_study.study_uid,
-                                     store="local"))
+    outcome = run_job(config, JobRequest(source="pacs", study_uid=mixed_study.study_uid,
+                                         store="local"))
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.transport == "dicomweb"
     assert [(n.transport, n.error_kind) for n in outcome.transport_notes] == [("c-get", "negotiation")]
@@ -43,8 +43,8 @@ def test_explicit_transport_does_not_fall_back(
         "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port,
         "transports": ["c-get", "dicomweb"], "dicomweb_url": orthanc.dicomweb_url,
         "transfer_syntaxes": ["1.2.3.999.1"], "timeout": 10}})
-    outcome = run(config, JobRequest(source="pacs", study_uid=mixed_study.study_uid,
-                                     store="local", transport="c-get"))
+    outcome = run_job(config, JobRequest(source="pacs", study_uid=mixed_study.study_uid,
+                                         store="local", transport="c-get"))
     assert outcome.status is JobStatus.FAILED and outcome.error_kind == "negotiation"
     assert outcome.transport_notes == ()
 
@@ -60,15 +60,15 @@ def test_next_transport_continues_where_the_first_stopped(
         "calling_ae_title": CALLING_AE, "transports": ["c-get", "dicomweb"],
         "dicomweb_url": orthanc.dicomweb_url,
         "transfer_syntaxes": [ExplicitVRLittleEndian, ImplicitVRLittleEndian], "timeout": 10}})
-    first = run(config, JobRequest(source="pacs", study_uid=mixed_study.study_uid,
+    first = run_job(config, JobRequest(source="pacs", study_uid=mixed_study.study_uid,
                                  store="local", transport="c-get"))
     by_c_get = first.progress.completed
     assert 0 < by_c_get < len(mixed_study.instances), first.error
     for path in stored_files(_root(config)):
         path.unlink()
 
-    outcome = run(config, JobRequest(source="pacs", study_uid=mixed_study.study_uid,
-                                     store="local"))
+    outcome = run_job(config, JobRequest(source="pacs", study_uid=mixed_study.study_uid,
+                                         store="local"))
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.transport == "dicomweb"
     assert [n.transport for n in outcome.transport_notes] == ["c-get"]

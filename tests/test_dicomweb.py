@@ -12,8 +12,9 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import run_job
 from pydicom import dcmread
-from test_cget import dataset_bytes, run, stored_files
+from test_cget import dataset_bytes, stored_files
 
 from pacsfetch.config import Config, ConfigError
 from pacsfetch.errors import RetrieveError
@@ -53,7 +54,7 @@ def test_study_with_several_transfer_syntaxes_arrives_as_stored_byte_for_byte(
 ) -> None:
     request = JobRequest(source="web", study_uid=mixed_study.study_uid, store="local",
                          transport="dicomweb")
-    outcome = run(config, request)
+    outcome = run_job(config, request)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.transport == "dicomweb"
     files = stored_files(_root(config))
@@ -74,7 +75,7 @@ def test_series_and_instance_level(config: Config, mixed_study: SampleStudy) -> 
     series = mixed_study.series_uids[3]
     request = JobRequest(source="web", level=Level.SERIES, study_uid=mixed_study.study_uid,
                          series_uid=series, store="local", transport="dicomweb")
-    outcome = run(config, request)
+    outcome = run_job(config, request)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     expected = {i.sop_instance_uid for i in mixed_study.instances_of_series(series)}
     assert {p.stem for p in stored_files(_root(config))} == expected
@@ -82,7 +83,7 @@ def test_series_and_instance_level(config: Config, mixed_study: SampleStudy) -> 
     chosen = [i.sop_instance_uid for i in mixed_study.instances_of_series(mixed_study.series_uids[0])[:2]]
     request = JobRequest(source="web", level=Level.IMAGE, study_uid=mixed_study.study_uid,
                          sop_uids=chosen, store="local", transport="dicomweb")
-    outcome = run(config, request)
+    outcome = run_job(config, request)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.progress.completed == 2
     assert {p.stem for p in stored_files(_root(config))} == expected | set(chosen)
@@ -94,7 +95,7 @@ def test_resumed_job_fetches_only_what_is_missing(config: Config, mixed_study: S
     state.instances = {i.sop_instance_uid: '{"local":"earlier"}' for i in done}
     request = JobRequest(source="web", study_uid=mixed_study.study_uid, store="local",
                          transport="dicomweb")
-    outcome = run(config, request, state)
+    outcome = run_job(config, request, state)
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.progress.skipped == 5
     assert outcome.progress.completed == len(mixed_study.instances)
@@ -103,8 +104,8 @@ def test_resumed_job_fetches_only_what_is_missing(config: Config, mixed_study: S
 
 
 def test_unknown_study_is_reported_as_not_on_the_gateway(config: Config) -> None:
-    outcome = run(config, JobRequest(source="web", study_uid="1.2.3.4.5.6.7", store="local",
-                                     transport="dicomweb"))
+    outcome = run_job(config, JobRequest(source="web", study_uid="1.2.3.4.5.6.7", store="local",
+                                         transport="dicomweb"))
     assert outcome.status is JobStatus.FAILED
     assert outcome.error_kind == "query"
     assert "DICOMweb gateway" in (outcome.error or "")
@@ -123,16 +124,16 @@ def test_wrong_or_missing_credentials_are_an_auth_failure(
     config = config_factory(extra_sources={
         "web": web_source(secured_orthanc.dicomweb_url, dicomweb_username=USER,
                           dicomweb_password_env=PASSWORD_ENV)})
-    outcome = run(config, JobRequest(source="web", study_uid=mixed_study.study_uid,
-                                     store="local", transport="dicomweb"))
+    outcome = run_job(config, JobRequest(source="web", study_uid=mixed_study.study_uid,
+                                         store="local", transport="dicomweb"))
     assert outcome.status is JobStatus.FAILED
     assert outcome.error_kind == "auth"
     assert "HTTP 401" in (outcome.error or "") and "dicomweb_password_env" in (outcome.error or "")
     assert "wrong" not in (outcome.error or "")
 
     monkeypatch.setenv(PASSWORD_ENV, "s3cret-pw")
-    outcome = run(config, JobRequest(source="web", study_uid=mixed_study.study_uid,
-                                     store="local", transport="dicomweb"))
+    outcome = run_job(config, JobRequest(source="web", study_uid=mixed_study.study_uid,
+                                         store="local", transport="dicomweb"))
     assert outcome.status is JobStatus.SUCCEEDED, outcome.error
     assert outcome.progress.completed == 3
 
@@ -143,8 +144,8 @@ def test_unset_secret_variable_fails_naming_the_key(
     monkeypatch.delenv("PF_TEST_UNSET_TOKEN", raising=False)
     config = config_factory(extra_sources={
         "web": web_source(secured_orthanc.dicomweb_url, dicomweb_token_env="PF_TEST_UNSET_TOKEN")})
-    outcome = run(config, JobRequest(source="web", study_uid="1.2.3", store="local",
-                                     transport="dicomweb"))
+    outcome = run_job(config, JobRequest(source="web", study_uid="1.2.3", store="local",
+                                         transport="dicomweb"))
     assert outcome.status is JobStatus.FAILED and outcome.error_kind == "config"
     assert "sources.web.dicomweb_token_env" in (outcome.error or "")
 
@@ -186,7 +187,8 @@ def test_gateway_error_500_is_retryable(config_factory: Callable[..., Config],
                                         failing_gateway: str) -> None:
     config = config_factory(extra_sources={"web": web_source(failing_gateway)})
     with pytest.raises(RetrieveError) as info:
-        run(config, JobRequest(source="web", study_uid="1.2.3", store="local", transport="dicomweb"))
+        run_job(config, JobRequest(source="web", study_uid="1.2.3", store="local",
+                                   transport="dicomweb"))
     assert info.value.kind == "connection" and info.value.retryable
     assert "HTTP 500" in info.value.message
 
@@ -195,7 +197,8 @@ def test_gateway_down_is_a_retryable_connection_error(config_factory: Callable[.
     port = free_port()  # nobody listens there any more
     config = config_factory(extra_sources={"web": web_source(f"http://127.0.0.1:{port}/dicom-web")})
     with pytest.raises(RetrieveError) as info:
-        run(config, JobRequest(source="web", study_uid="1.2.3", store="local", transport="dicomweb"))
+        run_job(config, JobRequest(source="web", study_uid="1.2.3", store="local",
+                                   transport="dicomweb"))
     assert info.value.kind == "connection" and info.value.retryable
     assert "cannot reach" in info.value.message
 
@@ -206,8 +209,8 @@ def test_silent_gateway_is_a_timeout(config_factory: Callable[..., Config]) -> N
         url = f"http://127.0.0.1:{server.getsockname()[1]}/dicom-web"
         config = config_factory(extra_sources={"web": web_source(url, timeout=1)})
         with pytest.raises(RetrieveError) as info:
-            run(config, JobRequest(source="web", study_uid="1.2.3", store="local",
-                                   transport="dicomweb"))
+            run_job(config, JobRequest(source="web", study_uid="1.2.3", store="local",
+                                       transport="dicomweb"))
     finally:
         server.close()
     assert info.value.kind == "timeout" and info.value.retryable
