@@ -1,4 +1,5 @@
-"""Peak resident memory of a process tree, sampled from ``/proc`` while it runs.
+"""Processes the benchmark starts: their peak resident memory, sampled from ``/proc``
+while they run, and stopping them with everything they forked.
 
 ``resource.getrusage(RUSAGE_CHILDREN)`` only reports children that have been waited for,
 and a Celery worker's pool processes outlive each job; sampling the tree catches the peak of
@@ -7,6 +8,9 @@ the process that actually handled the instances.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -79,3 +83,15 @@ class PeakRss:
                 self.peak_tree_mb = max(self.peak_tree_mb, sum(sizes) / 1024)
             if self._stop.wait(SAMPLE_INTERVAL):
                 return
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace: float = 20) -> None:
+    """Stop *proc* and its process group (a Celery worker's pool, say): TERM, then KILL."""
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

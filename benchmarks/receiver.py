@@ -11,14 +11,14 @@ not part of the measurement's peak RSS: it is a separate, shared process.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+
+from benchmarks.procwatch import stop_group
 
 RECEIVER_AE = "PFRECEIVER"
 """The move destination: the receiver's AE title, and the Orthancs' modality for it."""
@@ -41,7 +41,7 @@ def running_receiver(env: Mapping[str, str], log_path: Path) -> Iterator[None]:
             _wait_listening(proc, log_path)
             yield
         finally:
-            _stop(proc)
+            stop_group(proc)
 
 
 def _wait_listening(proc: subprocess.Popen[bytes], log_path: Path) -> None:
@@ -51,14 +51,3 @@ def _wait_listening(proc: subprocess.Popen[bytes], log_path: Path) -> None:
             raise RuntimeError(f"pacsfetch receiver did not start: "
                                f"{log_path.read_text(errors='replace')[-2000:]}")
         time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from typing import Any
 import httpx
 import tomli_w
 
-from benchmarks.procwatch import PeakRss
+from benchmarks.procwatch import PeakRss, stop_group
 from benchmarks.receiver import RECEIVER_AE, running_receiver
 from pacsfetch.sandbox.peers import Orthanc, free_port
 from pacsfetch.sandbox.samples import SampleStudy
@@ -262,13 +261,8 @@ class QueuedService:
 
     def stop(self) -> None:
         for proc in (self.worker, self.api):
-            if proc is not None and proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(20)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
+            if proc is not None:
+                stop_group(proc)
 
 
 def pacsfetch_queued(peer: Orthanc, studies: Mapping[str, SampleStudy], nagle: bool, work: Path,
