@@ -20,9 +20,8 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from pacsfetch.config import SourceConfig
-from pacsfetch.errors import ErrorKind, RetrieveError
-from pacsfetch.plugins.dimse import associate, quiet_reactor
-from pacsfetch.plugins.transports.query import FIND_MODEL
+from pacsfetch.plugins.dimse import associate
+from pacsfetch.plugins.transports.query import FIND_MODEL, find_matches
 from pacsfetch.studyquery import (
     StudyList,
     StudyQuery,
@@ -65,27 +64,12 @@ class _Search:
     def _find(self, study_date: str | None) -> bool:
         """One C-FIND; True when the PACS capped its answer."""
         self.queries += 1
-        identifier = _identifier(self.query, study_date)
-        matches = 0
-        quiet_reactor(self.assoc)
-        for status, found in self.assoc.send_c_find(identifier, FIND_MODEL):
-            code = getattr(status, "Status", None)
-            if code is None:
-                raise RetrieveError(
-                    ErrorKind.TIMEOUT, f"{self.where} stopped answering a C-FIND (timeout or abort)")
-            if code in (0xFF00, 0xFF01):
-                if found is not None and (summary := _summary(found)) is not None:
-                    self.found[summary.study_uid] = summary
-                    matches += 1
-                continue
-            if code == 0x0000:
-                break
-            if matches:  # matches, then a failure or cancel status: the PACS stopped early
-                return True
-            raise RetrieveError(
-                ErrorKind.QUERY, f"{self.where} answered a study C-FIND with failure status "
-                f"0x{code:04X}")
-        return bool(self.source.max_results) and matches >= self.source.max_results
+        matches, capped = find_matches(self.assoc, _identifier(self.query, study_date),
+                                       self.where, self.source.max_results)
+        for found in matches:
+            if (summary := _summary(found)) is not None:
+                self.found[summary.study_uid] = summary
+        return capped
 
 
 def _identifier(query: StudyQuery, study_date: str | None) -> Dataset:

@@ -74,12 +74,13 @@ class Inventory:
     instance list, and the PACS's own sub-operation counts say whether all arrived."""
 
 
-def _find(assoc: Association, identifier: Dataset, where: str,
-          max_results: int) -> tuple[list[Dataset], bool]:
+def find_matches(assoc: Association, identifier: Dataset, where: str,
+                 max_results: int) -> tuple[list[Dataset], bool]:
     """The matches, and whether the PACS cut the answer short.
 
     A failure status after at least one match is a cap, as is exactly *max_results*
-    matches (the source's known limit); a failure with no match is an error.
+    matches (the source's known limit); a failure with no match is an error. The study
+    search (:mod:`pacsfetch.plugins.find`) and the retrieve planning below share it.
     """
     matches: list[Dataset] = []
     quiet_reactor(assoc)
@@ -98,7 +99,8 @@ def _find(assoc: Association, identifier: Dataset, where: str,
             return matches, True
         else:
             raise RetrieveError(
-                ErrorKind.QUERY, f"{where} answered a C-FIND with failure status 0x{code:04X}"
+                ErrorKind.QUERY, f"{where} answered a {identifier.QueryRetrieveLevel}-level "
+                f"C-FIND with failure status 0x{code:04X}"
             )
     return matches, False
 
@@ -118,7 +120,7 @@ def find_instances(source: SourceConfig, request: JobRequest) -> Inventory:
         query.StudyInstanceUID = request.study_uid
         query.SeriesInstanceUID = request.series_uid or ""
         query.Modality = ""
-        found_series, capped = _find(assoc, query, where, source.max_results)
+        found_series, capped = find_matches(assoc, query, where, source.max_results)
         if capped:
             raise RetrieveError(
                 ErrorKind.QUERY,
@@ -148,7 +150,7 @@ def find_instances(source: SourceConfig, request: JobRequest) -> Inventory:
                 query.SOPInstanceUID = uid_list or ""
                 query.SOPClassUID = ""
                 query.AvailableTransferSyntaxUID = ""
-                matches, capped = _find(assoc, query, where, source.max_results)
+                matches, capped = find_matches(assoc, query, where, source.max_results)
                 if capped:
                     capped_series.add(series_uid)
                 for found in matches:
