@@ -393,12 +393,6 @@ class CGetTransport:
         found = find_instances(source, ctx.request)
         inventory = found.refs
         expected = frozenset(r.sop_instance_uid for r in inventory)
-        if not inventory:
-            raise RetrieveError(
-                ErrorKind.QUERY,
-                f"{where} holds no instances matching the job (C-FIND found none): check the "
-                "UIDs, or whether the PACS lets this AE see the study.",
-            )
         syntaxes = source.transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES
         plans = plan_associations(ctx, inventory, syntaxes, found.capped_series)
         counters = _Counters()

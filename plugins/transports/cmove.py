@@ -95,12 +95,6 @@ class CMoveTransport:
                                 "connects workers with `pacsfetch receiver`")
         found = find_instances(source, ctx.request)
         inventory = found.refs
-        if not inventory:
-            raise RetrieveError(
-                ErrorKind.QUERY,
-                f"{where} holds no instances matching the job (C-FIND found none): check the "
-                "UIDs, or whether the PACS lets this AE see the study.",
-            )
         expected = frozenset(r.sop_instance_uid for r in inventory)
         counters = SubOperations()
         moves = ctx.moves

@@ -106,7 +106,8 @@ def find_matches(assoc: Association, identifier: Dataset, where: str,
 
 
 def find_instances(source: SourceConfig, request: JobRequest) -> Inventory:
-    """Every instance of the job's scope the PACS lists (invalid UIDs from the wire dropped).
+    """Every instance of the job's scope the PACS lists (invalid UIDs from the wire dropped);
+    none at all is an error, whichever transport asked.
 
     Some PACS (dcmqrscp) do not return SOP Class UID at image level: ``sop_class_uid`` is
     then empty, and ``modality`` says what the C-GET transport should guess.
@@ -157,6 +158,12 @@ def find_instances(source: SourceConfig, request: JobRequest) -> Inventory:
                     ref = _instance_ref(found, series_uid, modalities[series_uid])
                     if ref and (not wanted or ref.sop_instance_uid in wanted):
                         refs[ref.sop_instance_uid] = ref
+        if not refs:
+            raise RetrieveError(
+                ErrorKind.QUERY,
+                f"{where} holds no instances matching the job (C-FIND found none): check the "
+                "UIDs, or whether the PACS lets this AE see the study.",
+            )
         if capped_series:
             log.warning("the PACS capped image-level C-FIND answers; those series are "
                         "retrieved whole", extra={"source": request.source,
