@@ -196,6 +196,29 @@ def receiver() -> None:
 
 
 @main.command()
+def scheduler() -> None:
+    """Run the scheduler: time-driven work such as pacing migrations and starting prefetches
+    before their exams. Run one; a second one stands by and takes over when the first ends."""
+    import signal
+
+    import redis
+
+    from pacsfetch.logs import configure_logging
+    from pacsfetch.workers.scheduler import Scheduler, build_duties
+
+    config = _load()
+    configure_logging()
+    client = redis.Redis.from_url(config.broker.url, decode_responses=True,
+                                  socket_timeout=10, socket_connect_timeout=5)
+    runner = Scheduler(client, build_duties(config))
+    signal.signal(signal.SIGTERM, lambda *_: runner.stop())
+    try:
+        runner.run_forever()
+    except KeyboardInterrupt:
+        runner.resign()
+
+
+@main.command()
 @_job_options
 def retrieve(**options: Any) -> None:
     """Retrieve now, in this process, with no broker (same plugins as the workers)."""

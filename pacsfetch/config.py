@@ -8,6 +8,7 @@ instead of being silently ignored. Secrets never live here: they come from the e
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -25,6 +26,7 @@ from pydantic import (
 )
 
 from pacsfetch.uids import check_ae_title, check_uid
+from pacsfetch.windows import check_timezone, parse_window
 
 CONFIG_ENV = "PACSFETCH_CONFIG"
 BROKER_URL_ENV = "PACSFETCH_BROKER_URL"
@@ -65,6 +67,47 @@ class BrokerConfig(_Section):
         return value
 
 
+def _window(value: str) -> str:
+    parse_window(value)
+    return value
+
+
+def _network(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or network (e.g. 10.1.2.3 or "
+                         "10.1.2.0/24)") from None
+    return value
+
+
+class TlsConfig(_Section):
+    """DICOM TLS (PS3.15 Annex B) towards a PACS, or for the move receiver.
+
+    Towards a PACS: ``ca_file`` verifies the PACS's certificate (the system's trust store
+    when absent), ``cert_file`` and ``key_file`` are our client certificate where the PACS
+    asks for one. For ``[receiver.tls]``: ``cert_file`` and ``key_file`` are the receiver's
+    own, and ``ca_file`` makes it demand client certificates signed by that CA.
+    """
+
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    check_hostname: bool = Field(
+        True, description="Towards a PACS: the certificate must name the source's host."
+    )
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ValueError("cert_file and key_file go together")
+        for name in ("ca_file", "cert_file", "key_file"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        return self
+
+
 class SourceConfig(_Section):
     """A PACS node that pacsfetch retrieves from."""
 
@@ -103,6 +146,37 @@ class SourceConfig(_Section):
         None,
         description="C-MOVE only: the AE title under which this PACS knows `pacsfetch "
         "receiver` (the PACS maps it to the receiver's host and port).",
+    )
+    move_from: list[Annotated[str, AfterValidator(_network)]] | None = Field(
+        None,
+        description="C-MOVE only: addresses or networks the PACS delivers to the receiver "
+        "from; default: the addresses `host` resolves to.",
+    )
+    tls: TlsConfig | None = Field(None, description="DICOM TLS towards this PACS.")
+    max_associations: int = Field(
+        4, ge=1, le=64,
+        description="Most associations the whole fleet holds open to this PACS at once "
+        "(C-FIND, C-GET, C-MOVE alike; DICOMweb: concurrent requests).",
+    )
+    reserved_associations: int = Field(
+        1, ge=0,
+        description="Of max_associations, how many bulk work (migrations) never takes, so a "
+        "prefetch or an interactive job starts at once (at most max_associations - 1; with "
+        "one association in all, bulk work yields it between series instead).",
+    )
+    associations_per_job: int = Field(
+        2, ge=1, le=16, description="Associations one job spreads its series over."
+    )
+    windows: list[Annotated[str, AfterValidator(_window)]] = Field(
+        default_factory=list,
+        description="When bulk work may open associations, e.g. 'Mon-Fri 19:00-07:00'; "
+        "empty: always.",
+    )
+    timezone: Annotated[str, AfterValidator(check_timezone)] = Field(
+        "UTC", description="IANA time zone of `windows`, e.g. 'Europe/Berlin'."
+    )
+    max_mb_per_second: float | None = Field(
+        None, gt=0, description="Fleet-wide cap on the data rate received from this PACS."
     )
 
     @model_validator(mode="after")
@@ -192,6 +266,17 @@ class ReceiverConfig(_Section):
         default_factory=list,
         description="Calling AE titles allowed to send instances; empty accepts any.",
     )
+    tls: TlsConfig | None = Field(
+        None, description="Serve DICOM TLS: cert_file and key_file required; ca_file "
+        "demands client certificates signed by it.",
+    )
+
+    @field_validator("tls")
+    @classmethod
+    def _server_certificate(cls, value: TlsConfig | None) -> TlsConfig | None:
+        if value is not None and not value.cert_file:
+            raise ValueError("the receiver needs cert_file and key_file to serve TLS")
+        return value
 
 
 class Config(_Section):

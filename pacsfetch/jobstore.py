@@ -8,27 +8,33 @@ survives a Redis restart too.
 Layout (``P`` is the key prefix, ``pacsfetch`` by default):
 
 - ``P:job:ID`` hash: ``request`` (JSON), ``status``, timestamps, ``p_*`` progress counters,
-  ``transport``, ``transport_notes`` (JSON), ``attempts``, ``error``, ``error_kind``, ``cancel``;
+  ``transport``, ``transport_notes`` (JSON), ``attempts``, ``error``, ``error_kind``, ``cancel``,
+  ``waiting_for`` (while a running job waits for an association slot or a window), ``origin``;
 - ``P:jobs:all`` and ``P:jobs:status:S`` sorted sets of job ids scored by creation time;
 - ``P:job:ID:instances`` hash SOP Instance UID -> where the stores put it (the record of what
   a job wrote, also what a retried job skips);
-- ``P:job:ID:lease`` the worker currently running the job, with a TTL.
+- ``P:job:ID:lease`` the worker currently running the job, with a TTL;
+- ``P:jobs:active:SOURCE:STUDY:STORES`` the id of the queued or running study-level job
+  for that work (``dedupe`` in its hash names the key; a final status removes it).
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import redis
 from pydantic import TypeAdapter
 
 from pacsfetch.models import (
+    BULK_ORIGINS,
     FINAL_STATUSES,
     JobRecord,
     JobRequest,
     JobStatus,
+    Level,
     Progress,
     TransportNote,
 )
@@ -53,7 +59,27 @@ for i = 5, #ARGV, 2 do
   if ARGV[i + 1] == '\\0' then redis.call('HDEL', KEYS[1], ARGV[i])
   else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
+if string.find(',%s,', ',' .. ARGV[1] .. ',', 1, true) then
+  local dedupe = redis.call('HGET', KEYS[1], 'dedupe')
+  if dedupe and redis.call('GET', dedupe) == ARGV[4] then redis.call('DEL', dedupe) end
+end
 return {1, cur}
+""" % ",".join(sorted(s.value for s in FINAL_STATUSES))
+
+# KEYS: dedupe key, the new job's hash, index of all jobs, index of queued jobs.
+# ARGV: new job id, job key prefix, creation score, then the new hash's field/value pairs.
+# Returns the id of the queued or running job for the same work, or of the one created.
+_CREATE_OR_JOIN = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local status = redis.call('HGET', ARGV[2] .. current, 'status')
+  if status == 'queued' or status == 'running' then return current end
+end
+redis.call('HSET', KEYS[2], unpack(ARGV, 4))
+redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[3], ARGV[1])
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
 """
 
 # Take the lease if it is free or ours; returns the holder after the call.
@@ -80,6 +106,17 @@ def encode_notes(notes: Iterable[TransportNote]) -> str:
     return _NOTES.dump_json(list(notes)).decode()
 
 
+@dataclass(frozen=True)
+class JoinedJob:
+    """What :meth:`JobStore.create_or_join` did."""
+
+    record: JobRecord
+    joined: bool
+    """True when an existing job does the work (``record`` is that job)."""
+    requeue: bool
+    """True when the caller must enqueue ``record`` again: it became more urgent."""
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -97,6 +134,7 @@ class JobStore:
         self._transition = client.register_script(_TRANSITION)
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
+        self._create_or_join = client.register_script(_CREATE_OR_JOIN)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "pacsfetch") -> JobStore:
@@ -125,14 +163,15 @@ class JobStore:
         return bool(self._r.ping())
 
     # creation and reading ---------------------------------------------------
-    def create_many(self, requests: Iterable[JobRequest]) -> list[JobRecord]:
+    def create_many(self, requests: Iterable[JobRequest], origin: str = "api") -> list[JobRecord]:
         """Record new queued jobs in one round trip."""
         records = []
         pipe = self._r.pipeline(transaction=False)
         for request in requests:
             created = _now()
             record = JobRecord(
-                id=uuid.uuid4().hex, status=JobStatus.QUEUED, request=request, created_at=created
+                id=uuid.uuid4().hex, status=JobStatus.QUEUED, request=request, created_at=created,
+                origin=origin,
             )
             score = created.timestamp()
             pipe.hset(
@@ -143,6 +182,7 @@ class JobStore:
                     "created_at": created.isoformat(),
                     "created_ts": repr(score),
                     "attempts": 0,
+                    "origin": origin,
                 },
             )
             pipe.zadd(self._all, {record.id: score})
@@ -151,8 +191,49 @@ class JobStore:
         pipe.execute()
         return records
 
-    def create(self, request: JobRequest) -> JobRecord:
-        return self.create_many([request])[0]
+    def create(self, request: JobRequest, origin: str = "api") -> JobRecord:
+        return self.create_many([request], origin)[0]
+
+    def _dedupe_key(self, request: JobRequest) -> str | None:
+        if request.level is not Level.STUDY:
+            return None
+        stores = ",".join(sorted(request.store_names))
+        return f"{self._p}:jobs:active:{request.source}:{request.study_uid}:{stores}"
+
+    def create_or_join(self, request: JobRequest, origin: str = "api") -> JoinedJob:
+        """A new queued job, or the queued or running job that already retrieves the same
+        study from the same source into the same stores (a second migration, a prefetch of
+        a study a migration is moving, a repeated request): the work is done once.
+
+        Joining more urgent work makes the shared job more urgent: its priority rises to the
+        newcomer's and a bulk origin becomes the newcomer's. Then ``requeue`` is true and the
+        caller enqueues the job again at its new priority (a delivery of a job that is
+        already running or final does nothing, so the older message is harmless).
+        """
+        key = self._dedupe_key(request)
+        if key is None:
+            return JoinedJob(self.create(request, origin), joined=False, requeue=False)
+        created = _now()
+        job_id = uuid.uuid4().hex
+        fields = {"request": request.model_dump_json(), "status": JobStatus.QUEUED.value,
+                  "created_at": created.isoformat(), "created_ts": repr(created.timestamp()),
+                  "attempts": "0", "origin": origin, "dedupe": key}
+        found = self._create_or_join(
+            keys=[key, self._job(job_id), self._all, self._status_prefix + JobStatus.QUEUED.value],
+            args=[job_id, f"{self._p}:job:", repr(created.timestamp()),
+                  *(item for pair in fields.items() for item in pair)])
+        if found == job_id:
+            return JoinedJob(self.get(job_id), joined=False, requeue=False)
+        existing = self.get(found)
+        urgent = request.priority > existing.request.priority
+        unbulk = existing.origin in BULK_ORIGINS and origin not in BULK_ORIGINS
+        if not (urgent or unbulk):
+            return JoinedJob(existing, joined=True, requeue=False)
+        priority = max(request.priority, existing.request.priority)
+        self._r.hset(self._job(found), mapping={
+            "request": existing.request.model_copy(update={"priority": priority}).model_dump_json(),
+            "origin": origin if unbulk else existing.origin})
+        return JoinedJob(self.get(found), joined=True, requeue=True)
 
     def get(self, job_id: str) -> JobRecord:
         data = self._r.hgetall(self._job(job_id)) if job_id.isalnum() else {}
@@ -207,6 +288,8 @@ class JobStore:
             error=data.get("error") or None,
             error_kind=data.get("error_kind") or None,
             cancel_requested=data.get("cancel") == "1",
+            waiting_for=data.get("waiting_for") or None,
+            origin=data.get("origin") or "api",
         )
 
     # status changes ---------------------------------------------------------
@@ -225,6 +308,8 @@ class JobStore:
         """
         if to is JobStatus.RUNNING:
             fields.setdefault("started_at", _now().isoformat())
+        else:
+            fields.setdefault("waiting_for", None)
         if to in FINAL_STATUSES:
             fields.setdefault("finished_at", _now().isoformat())
         args: list[str] = [
@@ -240,6 +325,13 @@ class JobStore:
 
     def set_fields(self, job_id: str, **fields: str | int) -> None:
         self._r.hset(self._job(job_id), mapping={k: str(v) for k, v in fields.items()})
+
+    def set_waiting(self, job_id: str, what: str | None) -> None:
+        """What a running job waits for (None: nothing any more)."""
+        if what is None:
+            self._r.hdel(self._job(job_id), "waiting_for")
+        else:
+            self._r.hset(self._job(job_id), "waiting_for", what)
 
     def incr_attempts(self, job_id: str) -> int:
         return int(self._r.hincrby(self._job(job_id), "attempts", 1))

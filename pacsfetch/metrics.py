@@ -125,6 +125,18 @@ ASSOCIATION_THROUGHPUT = Histogram(
     ["source", "service"], buckets=THROUGHPUT_BUCKETS,
 )
 
+ASSOCIATION_SLOT_WAITING = Gauge(
+    "pacsfetch_association_slot_waiting",
+    "Callers waiting now to open an association to a PACS, by reason: `slot` (the source's "
+    "max_associations are in use) or `window` (bulk work outside the source's time windows).",
+    ["source", "reason"], multiprocess_mode="livesum",
+)
+ASSOCIATION_SLOT_WAIT = Histogram(
+    "pacsfetch_association_slot_wait_seconds",
+    "How long callers that had to wait waited for an association slot.",
+    ["source"], buckets=QUEUED_BUCKETS,
+)
+
 
 class InstanceMeter:
     """The instance counters of one job attempt with one transport, labels bound once.
@@ -160,7 +172,7 @@ _DEFINED = (
     JOBS_SUBMITTED, JOB_ATTEMPTS, JOB_RETRIES, JOBS_FINISHED, JOB_FAILURES, JOB_DURATION,
     JOB_QUEUED, JOBS_IN_FLIGHT, INSTANCES_RECEIVED, RECEIVED_BYTES, INSTANCES_STORED,
     STORED_BYTES, INSTANCE_FAILURES, ASSOCIATIONS_OPENED, ASSOCIATIONS_OPEN,
-    ASSOCIATION_THROUGHPUT,
+    ASSOCIATION_THROUGHPUT, ASSOCIATION_SLOT_WAITING, ASSOCIATION_SLOT_WAIT,
 )
 
 

@@ -24,6 +24,10 @@ from pacsfetch.uids import check_uid
 
 UID = Annotated[str, AfterValidator(check_uid)]
 
+BULK_ORIGINS = frozenset({"migration"})
+"""Job origins whose work is bulk: it leaves reserved association slots to other work, keeps
+to the source's time windows, and gives way to more urgent work (see ``pacsfetch.gate``)."""
+
 MAX_SOP_UIDS_PER_JOB = 10_000
 MAX_STORES_PER_JOB = 8
 
@@ -154,3 +158,11 @@ class JobRecord(BaseModel):
     error: str | None = Field(None, description="Why the job failed or is partial, for operators.")
     error_kind: str | None = Field(None, description="Machine-readable class of `error`.")
     cancel_requested: bool = False
+    waiting_for: str | None = Field(
+        None, description="While running: what the job waits for before it can go on (an "
+        "association slot of its source, or the source's time window).",
+    )
+    origin: str = Field(
+        "api", description="What created the job: `api` (a caller), or a feature such as "
+        "`migration` or `prefetch` (whose work is scheduled by priority and windows).",
+    )

@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 from pydantic import BaseModel
 
 from pacsfetch.config import SourceConfig
+from pacsfetch.gate import AssociationGate, JobGate
 from pacsfetch.models import JobRequest
 
 
@@ -136,6 +137,15 @@ class RetrieveContext:
     """SOP Instance UIDs an earlier attempt of this job stored: ask the PACS only for the rest."""
     moves: MoveTracker | None = None
     """The job's link with the move receiver (C-MOVE); None where no broker is configured."""
+    gate: JobGate | None = None
+    """The source's association cap, windows and rate cap, bound to this job: hold a slot
+    (``gate.acquire()``) for the life of every association or concurrent request to the
+    source. Built for this one process when not given."""
+
+    def __post_init__(self) -> None:
+        if self.gate is None:
+            self.gate = JobGate(AssociationGate.local({self.source_name: self.source}),
+                                self.source_name, cancelled=self.progress.cancelled)
 
 
 @dataclass(slots=True)

@@ -85,3 +85,35 @@ def test_instance_record_pages(store: JobStore) -> None:
         if cursor == 0:
             break
     assert len(seen) == 50 == store.count_instances(job.id)
+
+
+def test_the_same_study_into_the_same_stores_is_one_job_until_it_ends(redis_url: str) -> None:
+    store = JobStore.from_url(redis_url)
+    bulk = JobRequest(source="pacs", study_uid="1.2.3", stores=["b", "a"], priority=0)
+    first = store.create_or_join(bulk, origin="migration")
+    again = store.create_or_join(bulk, origin="migration")
+    assert not first.joined and again.joined and again.record.id == first.record.id
+    assert not again.requeue  # nothing more urgent joined
+    other_stores = store.create_or_join(bulk.model_copy(update={"stores": ["a"]}))
+    assert other_stores.record.id != first.record.id
+    # A prefetch of the same study joins the migration's job and makes it urgent, not bulk.
+    prefetch = store.create_or_join(
+        JobRequest(source="pacs", study_uid="1.2.3", stores=["a", "b"], priority=8),
+        origin="prefetch")
+    assert prefetch.joined and prefetch.requeue and prefetch.record.id == first.record.id
+    assert (prefetch.record.request.priority, prefetch.record.origin) == (8, "prefetch")
+    assert store.list(JobStatus.QUEUED)[1] == 2
+    # Once the job ends, the same work makes a new job.
+    store.transition(first.record.id, JobStatus.RUNNING)
+    assert store.create_or_join(bulk, origin="migration").record.id == first.record.id
+    store.transition(first.record.id, JobStatus.SUCCEEDED)
+    later = store.create_or_join(bulk, origin="migration")
+    assert not later.joined and later.record.id != first.record.id
+    assert later.record.status is JobStatus.QUEUED and later.record.origin == "migration"
+
+
+def test_series_and_image_jobs_are_never_joined(redis_url: str) -> None:
+    store = JobStore.from_url(redis_url)
+    series = JobRequest(source="pacs", level="SERIES", study_uid="1.2.3", series_uid="1.2.3.4",
+                        store="a")
+    assert store.create_or_join(series).record.id != store.create_or_join(series).record.id

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from pacsfetch.config import Config
 from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.gate import AssociationGate, JobGate, process_gate
 from pacsfetch.models import JobRequest, JobStatus, Progress, TransportNote
 from pacsfetch.moves import MoveBook
 from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, StoreSession, Transport
@@ -67,11 +68,13 @@ def _spool_into(directory: Path) -> Iterator[None]:
 class JobRunner:
     """Runs jobs with the plugins of one registry against one configuration."""
 
-    def __init__(self, config: Config, registry: Registry, store_settings: dict[str, BaseModel]) -> None:
+    def __init__(self, config: Config, registry: Registry, store_settings: dict[str, BaseModel],
+                 gate: AssociationGate | None = None) -> None:
         self.config = config
         self.registry = registry
         self.store_settings = store_settings
         self.moves = MoveBook.from_url(config.broker.url)  # connects on first use (C-MOVE)
+        self.gate = gate or process_gate(config)
 
     def _transports(self, request: JobRequest) -> list[Transport]:
         source = self.config.sources[request.source]
@@ -81,8 +84,12 @@ class JobRunner:
             raise RetrieveError(ErrorKind.CONFIG, f"no transport plugin named {missing[0]!r} is installed")
         return [self.registry.transports[n] for n in names]
 
-    def run(self, job_id: str, request: JobRequest, state: JobState) -> Outcome:
-        """Run one attempt; raises :class:`RetrieveError` only for retryable failures."""
+    def run(self, job_id: str, request: JobRequest, state: JobState, *,
+            bulk: bool = False) -> Outcome:
+        """Run one attempt; raises :class:`RetrieveError` only for retryable failures.
+
+        *bulk* work (a migration's) yields to other work at its source and keeps to the
+        source's time windows (see :mod:`pacsfetch.gate`)."""
         if request.source not in self.config.sources:
             return self._config_failure(f"unknown source {request.source!r}")
         unknown = [name for name in request.store_names if name not in self.config.stores]
@@ -108,7 +115,10 @@ class JobRunner:
             stack.enter_context(_spool_into(spool))
             notes: list[TransportNote] = []
             try:
-                result, used = self._try_transports(job_id, request, transports, pipeline, notes)
+                gate = JobGate(self.gate, request.source, bulk=bulk, on_wait=state.waiting,
+                               cancelled=pipeline.cancelled)
+                result, used = self._try_transports(job_id, request, transports, pipeline, notes,
+                                                    gate)
             except RetrieveError as exc:
                 if exc.retryable:
                     raise
@@ -140,7 +150,7 @@ class JobRunner:
 
     def _try_transports(
         self, job_id: str, request: JobRequest, transports: list[Transport],
-        pipeline: InstancePipeline, notes: list[TransportNote],
+        pipeline: InstancePipeline, notes: list[TransportNote], gate: JobGate,
     ) -> tuple[RetrieveResult, str]:
         """Run the transports in order until one does the job; *notes* collects why not."""
         source = self.config.sources[request.source]
@@ -151,6 +161,7 @@ class JobRunner:
                 sink=pipeline, progress=pipeline, already_stored=frozenset(pipeline.stored),
                 moves=RedisMoveTracker(self.moves, job_id, request, pipeline, source.timeout,
                                        self.config.worker.progress_interval),
+                gate=gate,
             )
             pipeline.use_transport(transport.name)
             try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Protocol
 
+from pacsfetch.gate import Waiting
 from pacsfetch.jobstore import JobStore
 from pacsfetch.models import Progress
 
@@ -29,6 +30,10 @@ class JobState(Protocol):
 
     def transport_started(self, name: str) -> None:
         """The attempt now retrieves with transport *name* (shown while the job runs)."""
+        ...
+
+    def waiting(self, reason: Waiting | None) -> None:
+        """The attempt waits for an association slot or a window (None: no longer)."""
         ...
 
 
@@ -53,6 +58,9 @@ class RedisJobState:
     def transport_started(self, name: str) -> None:
         self._store.set_fields(self._job_id, transport=name)
 
+    def waiting(self, reason: Waiting | None) -> None:
+        self._store.set_waiting(self._job_id, None if reason is None else str(reason))
+
 
 class LocalJobState:
     """In-memory state for an inline retrieve; *on_progress* drives a progress bar."""
@@ -63,6 +71,7 @@ class LocalJobState:
         self._on_progress = on_progress
         self.cancel = False
         self.transport: str | None = None
+        self.waiting_for: Waiting | None = None
 
     def stored_instances(self) -> dict[str, str]:
         return dict(self.instances)
@@ -81,3 +90,6 @@ class LocalJobState:
 
     def transport_started(self, name: str) -> None:
         self.transport = name
+
+    def waiting(self, reason: Waiting | None) -> None:
+        self.waiting_for = reason

@@ -20,7 +20,7 @@ from celery import Task
 from pacsfetch.errors import RetrieveError
 from pacsfetch.jobstore import JobNotFound, JobStore, encode_notes
 from pacsfetch.metrics import JOB_RETRIES, JOBS_IN_FLIGHT
-from pacsfetch.models import FINAL_STATUSES, JobStatus
+from pacsfetch.models import BULK_ORIGINS, FINAL_STATUSES, JobStatus
 from pacsfetch.plugins.dimse import echo as dicom_echo
 from pacsfetch.plugins.find import find_studies as dicom_find_studies
 from pacsfetch.queue import ECHO_TASK, FIND_STUDIES_TASK, RETRIEVE_TASK, redis_priority
@@ -123,7 +123,8 @@ def _attempt(task: Task, store: JobStore, job_id: str) -> None:
     runner = JobRunner(config, registry, store_settings)
     try:
         with JOBS_IN_FLIGHT.labels(job.request.source).track_inprogress():
-            outcome = runner.run(job_id, job.request, RedisJobState(store, job_id))
+            outcome = runner.run(job_id, job.request, RedisJobState(store, job_id),
+                                 bulk=job.origin in BULK_ORIGINS)
     except RetrieveError as exc:
         retries = task.request.retries
         if retries < config.worker.max_retries:  # the runner raises only retryable errors
