@@ -1,0 +1,116 @@
+"""A TCP proxy that delays every byte by half a round trip each way: a WAN on loopback.
+
+Real PACS sit across networks, and a C-GET/C-MOVE SCP that waits for each C-STORE response
+before sending the next instance carries at most 1 / (round trip + service time) instances
+per second on one association. To measure that here, where the kernel's netem is not
+available, this proxy stands between pacsfetch (or DCMTK) and the PACS: everything read
+from one side is written to the other ``rtt / 2`` seconds later, in order, with no
+bandwidth limit. Each connection gets two threads per direction (a reader that stamps what
+it reads, a writer that sends it when due), so a slow side never stalls the other.
+"""
+
+from __future__ import annotations
+
+import queue
+import socket
+import threading
+import time
+from types import TracebackType
+from typing import Self
+
+from pacsfetch.sandbox.peers import LOOPBACK
+
+CHUNK = 256 * 1024
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the proxy adds no Nagle delay
+
+
+class _Direction:
+    """Bytes from *src* to *dst*, each chunk sent *delay* seconds after it was read."""
+
+    def __init__(self, src: socket.socket, dst: socket.socket, delay: float) -> None:
+        self._src, self._dst, self._delay = src, dst, delay
+        self._queue: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
+        self.threads = [threading.Thread(target=self._read, daemon=True),
+                        threading.Thread(target=self._write, daemon=True)]
+        for thread in self.threads:
+            thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                data = self._src.recv(CHUNK)
+            except OSError:
+                data = b""
+            self._queue.put((time.monotonic() + self._delay, data))
+            if not data:
+                return
+
+    def _write(self) -> None:
+        while True:
+            due, data = self._queue.get()
+            pause = due - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            try:
+                if not data:
+                    self._dst.shutdown(socket.SHUT_WR)
+                    return
+                self._dst.sendall(data)
+            except OSError:
+                return
+
+
+class LatencyProxy:
+    """Listens on a free loopback port and forwards to *target* with *rtt_ms* added.
+
+    Use as a context manager; :attr:`port` is where clients connect instead of the target.
+    """
+
+    def __init__(self, target_host: str, target_port: int, rtt_ms: float) -> None:
+        self.target = (target_host, target_port)
+        self.rtt_ms = rtt_ms
+        self._server = socket.create_server((LOOPBACK, 0))
+        self.port = int(self._server.getsockname()[1])
+        self._connections: list[socket.socket] = []
+        self._closed = threading.Event()
+        self._acceptor = threading.Thread(target=self._accept, daemon=True, name="latency-proxy")
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            for sock in (client, upstream):
+                _tune(sock)
+                self._connections.append(sock)
+            delay = self.rtt_ms / 2000
+            _Direction(client, upstream, delay)
+            _Direction(upstream, client, delay)
+
+    def __enter__(self) -> Self:
+        self._acceptor.start()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._closed.set()
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self._server.close()
+        for sock in self._connections:
+            try:
+                sock.close()
+            except OSError:
+                pass
