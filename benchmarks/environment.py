@@ -5,7 +5,8 @@ complete directory is reused by the next run). Two Orthancs hold the same studie
 Nagle's algorithm off in its DICOM layer, one with it left on, as many PACS in the field
 run; every tool is measured against the same data. Redis is the broker and job store of the
 queued path. Both Orthancs know ``pacsfetch receiver`` as a C-MOVE destination at one
-loopback port, where each C-MOVE measurement starts its receiver.
+loopback port, where each C-MOVE measurement starts its receiver, and DCMTK ``storescp``
+(the destination of DCMTK ``movescu``) at another.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from benchmarks.dimse_paths import STORESCP_AE
 from benchmarks.receiver import RECEIVER_AE
 from pacsfetch.sandbox.peers import Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.samples import SampleStudy, generate_uniform_study
@@ -87,6 +89,7 @@ class Environment:
         self.orthanc_nagle: Orthanc | None = None
         self.redis: RedisServer | None = None
         self.receiver_port = free_port()
+        self.storescp_port = free_port()
         self._stack = ExitStack()
 
     def __enter__(self) -> Self:
@@ -95,7 +98,8 @@ class Environment:
             self.studies[spec.name] = spec.generate(studies_dir)
         try:
             peers = self.workdir / "peers"
-            modalities = {RECEIVER_AE: (RECEIVER_AE, "127.0.0.1", self.receiver_port)}
+            modalities = {RECEIVER_AE: (RECEIVER_AE, "127.0.0.1", self.receiver_port),
+                          STORESCP_AE: (STORESCP_AE, "127.0.0.1", self.storescp_port)}
             self.redis = self._stack.enter_context(RedisServer(peers / "redis"))
             self.orthanc = self._stack.enter_context(
                 Orthanc(peers / "orthanc-nodelay", tcp_nodelay=True, dicomweb=True,

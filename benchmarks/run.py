@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import apiload, report, tools
+from benchmarks import apiload, dimse_paths, report, tools
 from benchmarks.environment import FULL, QUICK, Environment, Plan
 from pacsfetch.plugins.registry import get_registry
 
-PARTS = ("tools", "nagle", "queued", "scaling", "api")
+PARTS = ("tools", "nagle", "queued", "move", "forward", "wan", "scaling", "api")
 API_WORKERS = 2
 """``pacsfetch api --workers``: one process per core of the 2-core reference machine."""
 
@@ -78,6 +78,19 @@ def run(workdir: Path, quick: bool, only: set[str]) -> dict[str, Any]:
                         env.peer(False), {name: study}, False, runs, transport=transport,
                         redis_url=env.redis.url, receiver_port=env.receiver_port, workers=1,
                         label=name))
+        if "move" in only:  # beside the one-worker C-MOVE rows of "queued"
+            for name, study in comparison.items():
+                measured(dimse_paths.dcmtk_movescu(env.peer(False), name, study,
+                                                   env.storescp_port, runs))
+        if "forward" in only:
+            for name, study in comparison.items():
+                measured(dimse_paths.dcmtk_storescu(name, study, runs))
+                measured(dimse_paths.pacsfetch_forward(name, study, runs))
+        if "wan" in only:
+            for name, study in comparison.items():
+                for row in dimse_paths.wan_rows(env.peer(False), name, study, runs,
+                                                env.redis.url, env.receiver_port):
+                    measured(row)
         if "scaling" in only:
             scaling = {s.name: env.studies[s.name] for s in plan.scaling}
             for workers in plan.worker_counts:

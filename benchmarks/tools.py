@@ -147,7 +147,8 @@ def pynetdicom_getscu(peer: Orthanc, study_name: str, study: SampleStudy, nagle:
 
 
 def pacsfetch_config(peer: Orthanc, transport: str, redis_url: str, store_root: Path, *,
-                     receiver_port: int, progress_interval: float = 0.5) -> dict[str, Any]:
+                     receiver_port: int, progress_interval: float = 0.5,
+                     source_extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """A pacsfetch config for one Orthanc, one transport and a filesystem store with fsync.
 
     Workers and the receiver share it, as in production. Metrics ports are free ones, so a
@@ -155,7 +156,7 @@ def pacsfetch_config(peer: Orthanc, transport: str, redis_url: str, store_root: 
     """
     source = {"ae_title": peer.aet, "host": "127.0.0.1", "port": peer.dicom_port,
               "calling_ae_title": CALLING_AE, "transports": [transport], "timeout": 60,
-              **TRANSPORT_SOURCE_KEYS[transport](peer)}
+              **TRANSPORT_SOURCE_KEYS[transport](peer), **(source_extra or {})}
     return {
         "broker": {"url": redis_url},
         "sources": {"orthanc": source},
@@ -181,12 +182,13 @@ def _env_with_config(config: dict[str, Any], path: Path) -> dict[str, str]:
 
 
 def pacsfetch_inline(peer: Orthanc, study_name: str, study: SampleStudy, nagle: bool,
-                     work: Path, *, transport: str, redis_url: str,
-                     receiver_port: int) -> Measurement:
+                     work: Path, *, transport: str, redis_url: str, receiver_port: int,
+                     source_extra: Mapping[str, Any] | None = None) -> Measurement:
     label = f"pacsfetch-inline-{transport}-{study_name}-{'nagle' if nagle else 'nodelay'}"
     out = _fresh(work / label)
     env = _env_with_config(pacsfetch_config(peer, transport, redis_url, out,
-                                            receiver_port=receiver_port),
+                                            receiver_port=receiver_port,
+                                            source_extra=source_extra),
                            work / f"{label}.toml")
     argv = [sys.executable, "-m", "pacsfetch", "retrieve", "--source", "orthanc",
             "--study", study.study_uid, "--store", STORE_NAME, "--transport", transport]

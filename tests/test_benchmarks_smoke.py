@@ -1,7 +1,8 @@
 """The benchmark harness end to end in ``--quick`` mode: correctness, not speed.
 
 It starts its own Redis and two Orthancs (Nagle off and on), runs every tool — pacsfetch
-over C-GET, C-MOVE (through a ``pacsfetch receiver`` it starts) and DICOMweb — on tiny
+over C-GET, C-MOVE (through a ``pacsfetch receiver`` it starts) and DICOMweb, its forward
+store, DCMTK's getscu, movescu and storescu, and both through the WAN proxy — on tiny
 studies and must bring every instance back with every tool; no timing is asserted.
 """
 
@@ -46,6 +47,12 @@ def test_every_tool_measured_on_both_studies_and_peers(results: dict) -> None:
             assert _rows(results, tool=tool, study=study, peer="nagle"), (tool, study)
         assert _rows(results, tool="pacsfetch-queued", study=study, workers=1)
     assert {r["workers"] for r in _rows(results, tool="pacsfetch-queued", study="scaling")} == {1, 2}
+    for study in ("small", "large"):  # the DIMSE paths beside DCMTK doing the same work
+        for tool in ("dcmtk-movescu", "dcmtk-storescu", "pacsfetch-forward"):
+            assert _rows(results, tool=tool, study=study), (tool, study)
+        for peer in ("wan2ms", "wan10ms"):
+            for tool in ("dcmtk-getscu", "pacsfetch-inline"):
+                assert _rows(results, tool=tool, study=study, peer=peer), (tool, study, peer)
     assert TRANSPORTS <= set(results["transports"]), results["notes"]
     for transport in results["transports"]:  # every installed transport the harness knows
         for study in ("small", "large"):
@@ -84,8 +91,13 @@ def test_targets_are_evaluated(results: dict) -> None:
     targets = [t["target"] for t in results["targets"]]
     assert len(targets) == len(set(targets)), targets  # one per target, not per transport
     names = " | ".join(targets)
-    for expected in ("small: pacsfetch one worker / pynetdicom getscu", "large: pacsfetch inline / DCMTK getscu",
+    for expected in ("small: pacsfetch one worker / DCMTK getscu",
+                     "large: pacsfetch inline / DCMTK getscu", "DCMTK movescu into storescp",
+                     "forward store / DCMTK storescu", "10 ms round trip, pacsfetch 4 associations",
                      "Nagle-on / Nagle-off", "worker peak RSS", "POST /jobs", "batch of"):
         assert expected in names
+    measured = [t for t in results["targets"] if "pynetdicom" not in t["target"]
+                and "scaling" not in t["target"]]
+    assert all(t["value"] is not None for t in measured), measured  # every part ran
     # Transports known to the harness but not installed are skipped with a note, not lost.
     assert all(note.startswith("transport ") for note in results["notes"])
