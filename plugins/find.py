@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from datetime import date
 
 from pydicom.dataset import Dataset
-from pynetdicom.association import Association
-from pynetdicom.presentation import build_context
 
 from pacsfetch.config import SourceConfig
-from pacsfetch.plugins.dimse.legacy import associate
+from pacsfetch.plugins.dimse.association import Association
+from pacsfetch.plugins.dimse.services import QUERY_SYNTAXES, associate
 from pacsfetch.plugins.transports.query import FIND_MODEL, find_matches
 from pacsfetch.studyquery import (
     StudyList,
@@ -120,7 +119,7 @@ def _summary(found: Dataset) -> StudySummary | None:
 def find_studies(source: SourceConfig, query: StudyQuery, source_name: str = "unnamed") -> StudyList:
     """Every study matching *query* (up to ``query.limit``, newest first)."""
     where = f"{source.ae_title}@{source.host}:{source.port}"
-    assoc = associate(source, [build_context(FIND_MODEL)], purpose="C-FIND",
+    assoc = associate(source, [(FIND_MODEL, QUERY_SYNTAXES)], purpose="C-FIND",
                       source_name=source_name)
     try:
         search = _Search(assoc, source, query, where)

@@ -1,8 +1,9 @@
 """The DICOM forward store (``plugin = "dicom"``): C-STORE every instance to another archive.
 
 For migrations: what a job retrieves from one PACS is stored into another, exactly as it
-arrived. Each instance is sent from the spool file with pynetdicom's chunked sending, so its
-data set goes out byte for byte (no transcoding) and memory does not grow with its size.
+arrived. Each instance is sent from the spool file in PDU-sized pieces by the project's DIMSE
+engine (:func:`pacsfetch.plugins.dimse.services.c_store`), so its data set goes out byte for
+byte (no transcoding) and memory does not grow with its size.
 
 Two phases: a remote archive offers no invisible staging, so ``write`` only checks that the
 instance can be sent and remembers its spool file (the sink keeps that file until every store
@@ -21,28 +22,28 @@ with that reason instead of being asked again for each.
 
 from __future__ import annotations
 
+import itertools
 import logging
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
-from pydicom.uid import UID
-from pynetdicom import _config, evt
-from pynetdicom.association import Association
-from pynetdicom.presentation import build_context
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from pacsfetch import hookimpl
 from pacsfetch.config import AETitle, SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
-from pacsfetch.plugins.dimse.legacy import MAX_PRESENTATION_CONTEXTS, associate, quiet_reactor
+from pacsfetch.plugins.dimse import messages
+from pacsfetch.plugins.dimse.association import Association, DimseError
+from pacsfetch.plugins.dimse.association import Context as AcceptedContext
+from pacsfetch.plugins.dimse.services import (
+    MAX_PRESENTATION_CONTEXTS,
+    associate,
+    c_store,
+    uid_name,
+)
 
 log = logging.getLogger(__name__)
-
-# Send data sets from their files as encoded, in PDU-sized chunks: no decoding, no transcoding.
-_config.STORE_SEND_CHUNKED_DATASET = True
 
 SUCCESS_OR_WARNING = frozenset({0x0000, 0xB000, 0xB006, 0xB007})
 SEND_ATTEMPTS = 2
@@ -71,6 +72,7 @@ class DicomForwardSettings(BaseModel):
 class _Pending:
     path: Path
     context: Context
+    sop_instance_uid: str
 
 
 class DicomForwardSession:
@@ -86,6 +88,7 @@ class DicomForwardSession:
         self._store_name = store_name
         self._job_id = job_id
         self._assoc: Association | None = None
+        self._message_ids = itertools.count(1)
         self._proposed: dict[Context, None] = {}  # ordered set: oldest first
         self._refused: set[Context] = set()
         self._broken: RetrieveError | None = None
@@ -103,17 +106,25 @@ class DicomForwardSession:
             raise self._broken
         if context in self._refused:
             raise self._refusal(context)
-        return _Pending(instance.path, context)
+        return _Pending(instance.path, context, instance.identity.sop_instance_uid)
 
     def commit(self, staged: _Pending) -> str:
         # An archive that drops an association (or stalls on one) mid-migration should cost
         # one re-association, not the instance: C-STORE of the same instance is idempotent.
         for attempt in range(1, SEND_ATTEMPTS + 1):
             assoc = self._association_for(staged.context)
-            quiet_reactor(assoc)  # else a C-STORE-RSP can be lost to the reactor: a timeout
-            status = assoc.send_c_store(staged.path)
-            code = getattr(status, "Status", None)
-            if code is not None:
+            cx = self._context(staged.context)
+            assert cx is not None  # _association_for checked it was accepted
+            try:
+                status = c_store(assoc, cx, staged.sop_instance_uid, staged.path,
+                                 next(self._message_ids) & 0xFFFF or 1)
+            except DimseError:
+                status = None
+            except (OSError, ValueError) as exc:
+                raise RetrieveError(ErrorKind.STORE, f"cannot read the spooled instance to "
+                                    f"forward it: {exc}") from None
+            if status is not None:
+                code = status.get(messages.STATUS, 0xC000)
                 break
             self._drop_association()
             self.resends += 1
@@ -127,8 +138,10 @@ class DicomForwardSession:
                 f"aborted the association, {SEND_ATTEMPTS} times; the instance was not stored",
             )
         if code not in SUCCESS_OR_WARNING:
+            from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS  # only to explain
+
             category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("Failure", "unknown"))
-            comment = status.get("ErrorComment")
+            comment = status.get(messages.ERROR_COMMENT)
             raise RetrieveError(
                 ErrorKind.STORE,
                 f"{self._where} refused the instance: C-STORE status 0x{code:04X} "
@@ -146,8 +159,7 @@ class DicomForwardSession:
         self._proposed[context] = None
         wanted = list(self._proposed)[-MAX_PRESENTATION_CONTEXTS:]
         try:
-            self._assoc = associate(self._peer, [build_context(sop, [ts]) for sop, ts in wanted],
-                                    handlers=[(evt.EVT_CONN_OPEN, _no_delay)],
+            self._assoc = associate(self._peer, [(sop, (ts,)) for sop, ts in wanted],
                                     purpose="forwarding instances")
         except RetrieveError as exc:
             if exc.kind in _FATAL_FOR_THE_JOB:
@@ -156,23 +168,28 @@ class DicomForwardSession:
                 self._refused.update(wanted)
             raise
         self.associations_opened += 1
-        accepted = {(cx.abstract_syntax, cx.transfer_syntax[0])
-                    for cx in self._assoc.accepted_contexts}
+        accepted = {(cx.abstract_syntax, cx.transfer_syntax)
+                    for cx in self._assoc.contexts.values()}
         self._refused.update(c for c in wanted if c not in accepted)
         if context not in accepted:
             raise self._refusal(context)
         return self._assoc
 
     def _accepts(self, context: Context) -> bool:
+        return self._context(context) is not None
+
+    def _context(self, context: Context) -> AcceptedContext | None:
         assert self._assoc is not None
-        return any(cx.abstract_syntax == context[0] and cx.transfer_syntax[0] == context[1]
-                   for cx in self._assoc.accepted_contexts)
+        for cx in self._assoc.contexts.values():
+            if (cx.abstract_syntax, cx.transfer_syntax) == context:
+                return cx
+        return None
 
     def _refusal(self, context: Context) -> RetrieveError:
         sop, ts = context
         return RetrieveError(
             ErrorKind.NEGOTIATION,
-            f"{self._where} does not accept {UID(sop).name} in {UID(ts).name}; instances are "
+            f"{self._where} does not accept {uid_name(sop)} in {uid_name(ts)}; instances are "
             "forwarded as received, never transcoded: enable this SOP class and transfer "
             "syntax on the destination",
         )
@@ -194,18 +211,6 @@ class DicomForwardSession:
         log.info("forward store closed", extra={
             "job_id": self._job_id, "store": self._store_name,
             "associations": self.associations_opened})
-
-
-def _no_delay(event: evt.Event) -> None:
-    """Turn Nagle's algorithm off on our side of the association.
-
-    pynetdicom leaves it on; a C-STORE request is then a small command PDU followed by data
-    PDUs, and Nagle plus the archive's delayed ACKs stall every instance by up to 40 ms
-    (measured: 19 instead of 98 instances/s into storescp; see the README's benchmarks).
-    """
-    sock = event.assoc.dul.socket.socket if event.assoc.dul.socket else None
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class DicomForwardBackend:

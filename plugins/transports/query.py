@@ -13,19 +13,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from pynetdicom.association import Association
-from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import JobRequest, Level
-from pacsfetch.plugins.dimse.legacy import associate, quiet_reactor
+from pacsfetch.plugins.dimse.association import Association, DimseError
+from pacsfetch.plugins.dimse.services import QUERY_SYNTAXES, associate, c_find, dimse_failure
 from pacsfetch.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
-FIND_MODEL = StudyRootQueryRetrieveInformationModelFind
+FIND_MODEL = "1.2.840.10008.5.1.4.1.2.2.1"
+"""Study Root Query/Retrieve Information Model - FIND."""
 UIDS_PER_QUERY = 100
 """SOP Instance UIDs per list-matching identifier: some PACS limit identifier size."""
 
@@ -83,13 +82,11 @@ def find_matches(assoc: Association, identifier: Dataset, where: str,
     search (:mod:`pacsfetch.plugins.find`) and the retrieve planning below share it.
     """
     matches: list[Dataset] = []
-    quiet_reactor(assoc)
-    for status, found in assoc.send_c_find(identifier, FIND_MODEL):
-        code = getattr(status, "Status", None)
-        if code is None:
-            raise RetrieveError(
-                ErrorKind.TIMEOUT, f"{where} stopped answering a C-FIND (timeout or abort)"
-            )
+    try:
+        responses = list(c_find(assoc, FIND_MODEL, identifier))
+    except DimseError as exc:
+        raise dimse_failure(exc, where, "a C-FIND") from None
+    for code, found in responses:
         if code in (0xFF00, 0xFF01):
             if found is not None:
                 matches.append(found)
@@ -113,7 +110,7 @@ def find_instances(source: SourceConfig, request: JobRequest) -> Inventory:
     then empty, and ``modality`` says what the C-GET transport should guess.
     """
     where = f"{source.ae_title}@{source.host}:{source.port}"
-    assoc = associate(source, [build_context(FIND_MODEL)], purpose="C-FIND",
+    assoc = associate(source, [(FIND_MODEL, QUERY_SYNTAXES)], purpose="C-FIND",
                       source_name=request.source)
     try:
         query = Dataset()
