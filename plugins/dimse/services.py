@@ -285,7 +285,36 @@ def _even(uid: str) -> bytes:
     return raw + b"\0" if len(raw) % 2 else raw
 
 
-def receive_store(assoc: Association, pcid: int, command: dict[int, Any], spool_dir: Path,
+class Spool:
+    """Spool files for incoming data sets, one opened ahead: creating a file can wait on the
+    filesystem's journal (a store fsyncing beside us), so the next one is created right
+    after a C-STORE-RSP leaves, while the peer prepares its next instance."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self._next: tuple[Path, Any] | None = None
+
+    def take(self) -> tuple[Path, Any]:
+        ready, self._next = self._next, None
+        return ready or self._create()
+
+    def prepare(self) -> None:
+        if self._next is None:
+            self._next = self._create()
+
+    def _create(self) -> tuple[Path, Any]:
+        path = self.directory / f"dimse-{os.getpid()}-{next(_SPOOL_NAMES)}.part"
+        return path, open(path, "xb")  # the caller closes it
+
+    def close(self) -> None:
+        """Remove the file opened ahead, if any."""
+        ready, self._next = self._next, None
+        if ready is not None:
+            ready[1].close()
+            ready[0].unlink(missing_ok=True)
+
+
+def receive_store(assoc: Association, pcid: int, command: dict[int, Any], spool: Spool,
                   store: StoreHandler) -> None:
     """One C-STORE sub-operation: its data set into a spool file, the sink, the response.
 
@@ -301,8 +330,7 @@ def receive_store(assoc: Association, pcid: int, command: dict[int, Any], spool_
             assoc.read_data_set(pcid, _discard)
         status = SOP_CLASS_NOT_SUPPORTED
     else:
-        path = spool_dir / f"dimse-{os.getpid()}-{next(_SPOOL_NAMES)}.part"
-        fp = open(path, "xb")  # closed below on every path
+        path, fp = spool.take()
         try:
             fp.write(file_meta(sop_class, sop_instance, cx.transfer_syntax))
             assoc.read_data_set(pcid, fp.write)
@@ -318,6 +346,7 @@ def receive_store(assoc: Association, pcid: int, command: dict[int, Any], spool_
                 path.unlink()
     assoc.send_message(pcid, m.store_rsp(command.get(m.MESSAGE_ID, 0), status,
                                          _even(sop_class), _even(sop_instance)))
+    spool.prepare()
 
 
 def _discard(fragment: memoryview) -> None:
@@ -358,13 +387,23 @@ def c_get(assoc: Association, model: Context, identifier: Dataset, msg_id: int, 
     *pending*, a C-CANCEL is sent (once) when *cancelled* turns true."""
     assoc.send_message(model.id, m.c_get_rq(msg_id, model.abstract_syntax),
                        m.encode_identifier(identifier, model.transfer_syntax))
+    spool = Spool(spool_dir)
+    try:
+        return _get_responses(assoc, model, msg_id, spool, store, pending, cancelled)
+    finally:
+        spool.close()
+
+
+def _get_responses(assoc: Association, model: Context, msg_id: int, spool: Spool,
+                   store: StoreHandler, pending: Callable[[dict[int, Any]], None],
+                   cancelled: Callable[[], bool]) -> GetOutcome:
     cancel_sent = False
     read_command = assoc.read_command
     while True:
         pcid, command = read_command()
         field_ = command[m.COMMAND_FIELD]
         if field_ == m.C_STORE_RQ:
-            receive_store(assoc, pcid, command, spool_dir, store)
+            receive_store(assoc, pcid, command, spool, store)
             continue
         if field_ != m.C_GET_RSP or command.get(m.RESPONDED_TO) != msg_id:
             assoc.abort(provider_reason=2)
