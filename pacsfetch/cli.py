@@ -158,6 +158,11 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None) -> None
         serve_worker_metrics(config.metrics)
     except ConfigError as exc:
         _fail(f"configuration error: {exc}")
+    from pacsfetch import health
+    from pacsfetch.workers import lifecycle
+
+    health.expect("worker")
+    health.watch(config.broker.url, lifecycle.draining)
 
     app.worker_main([
         "worker", f"--concurrency={concurrency or config.worker.concurrency}",
@@ -170,12 +175,12 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None) -> None
 @main.command()
 def receiver() -> None:
     """Run the C-MOVE destination: a storage SCP on [receiver] port, shared by all workers."""
-    import signal
-
+    from pacsfetch import health
     from pacsfetch.logs import configure_logging
     from pacsfetch.metrics import serve_receiver_metrics
     from pacsfetch.moves import MoveBook
     from pacsfetch.plugins.registry import get_registry
+    from pacsfetch.workers import lifecycle
     from pacsfetch.workers.receiver import MoveReceiver
 
     config = _load()
@@ -186,7 +191,8 @@ def receiver() -> None:
         serve_receiver_metrics(config.metrics)
     except ConfigError as exc:
         _fail(f"configuration error in {exc}")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    health.watch(config.broker.url, lifecycle.draining)
+    lifecycle.install_sigterm()  # SIGTERM drains: see pacsfetch.workers.lifecycle
     try:
         MoveReceiver(config, registry, settings, MoveBook.from_url(config.broker.url)).serve_forever()
     except KeyboardInterrupt:
