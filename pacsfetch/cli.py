@@ -13,6 +13,7 @@ from typing import Any, NoReturn
 import click
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as Bar
 
@@ -249,6 +250,9 @@ def retrieve(**options: Any) -> None:
         except RetrieveError as exc:
             _fail(str(exc), 1)
         _advance(bar, task, outcome.progress, final=True)
+    for note in outcome.transport_notes:  # why `auto` moved on (NAT, refused contexts...)
+        console.print(f"[yellow]{note.transport} gave way ({note.error_kind})[/]: "
+                      f"{escape(note.error)}")
     _report(outcome.status, outcome.progress, outcome.transport, outcome.error)
     sys.exit(EXIT_CODES.get(outcome.status, 1))
 
