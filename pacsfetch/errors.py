@@ -33,6 +33,8 @@ class ErrorKind(StrEnum):
     """A store could not write or commit an instance."""
     AUTH = "auth"
     """An HTTP peer (DICOMweb gateway) refused our credentials (401/403)."""
+    TLS = "tls"
+    """The DICOM TLS handshake failed (certificates, CA, or a peer not speaking TLS)."""
     CONFIG = "config"
     """The job names something the configuration does not define."""
     CANCELLED = "cancelled"

@@ -18,7 +18,7 @@ from pacsfetch.config import Config
 from pacsfetch.errors import RetrieveError
 from pacsfetch.gate import AssociationGate, GateCancelled, Slot
 from pacsfetch.migrations import MigrationRequest, MigrationStore, StudyRow, StudyState
-from pacsfetch.plugins.dimse import associate
+from pacsfetch.plugins.dimse.legacy import associate
 from pacsfetch.plugins.plan import PlanCursor, plan
 from pacsfetch.plugins.transports.query import FIND_MODEL, find_matches
 
