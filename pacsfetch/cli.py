@@ -339,3 +339,10 @@ def echo(source: str) -> None:
     console.print(("[green]ok[/] " if result.ok else "[red]failed[/] ")
                   + f"{result.message} ({result.elapsed_ms:.0f} ms)")
     sys.exit(0 if result.ok else 1)
+
+
+# Migrations (pacsfetch migrate, pacsfetch migration ...) live in their own module.
+from pacsfetch.cli_migrate import migrate, migration
+
+main.add_command(migrate)
+main.add_command(migration)

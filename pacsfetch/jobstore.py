@@ -382,6 +382,10 @@ class JobStore:
     def release_lease(self, job_id: str, owner: str) -> None:
         self._release(keys=[self._lease(job_id)], args=[owner])
 
+    def lease_holder(self, job_id: str) -> str | None:
+        """Who runs the job now (None: nobody renews its lease)."""
+        return self._r.get(self._lease(job_id))
+
     def break_lease(self, job_id: str, holder: str) -> bool:
         """Drop a lease whose holder is known dead; only if it is still that holder's."""
         return bool(self._release(keys=[self._lease(job_id)], args=[holder]))

@@ -165,16 +165,29 @@ class _Peer(ABC):
 
 
 class RedisServer(_Peer):
-    """``redis-server`` without persistence: a broker that starts empty every time."""
+    """``redis-server`` without persistence: a broker that starts empty every time; with
+    *appendonly*, as production should run it: AOF fsynced on every write, so a restart,
+    even after SIGKILL, finds everything that was acknowledged."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *,
+                 appendonly: bool = False) -> None:
         super().__init__(workdir, "redis")
         self.port = port or free_port()
         self.url = f"redis://{LOOPBACK}:{self.port}/0"
+        self._appendonly = appendonly
 
     def _command(self) -> list[str]:
+        aof = ["--appendonly", "yes", "--appendfsync", "always"] if self._appendonly \
+            else ["--appendonly", "no"]
         return [_installed(_REDIS_SERVER), "--bind", LOOPBACK, "--port", str(self.port),
-                "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+                "--save", "", *aof, "--dir", str(self.workdir)]
+
+    def kill(self) -> None:
+        """Stop abruptly (SIGKILL), as a crash or a lost node would."""
+        if self._process is not None:
+            process, self._process = self._process, None
+            self._signal_group(process, signal.SIGKILL)
+            process.wait()
 
     def _answers(self) -> bool:
         try:

@@ -82,6 +82,8 @@ class MigrationFeeder:
         self._plan_failures: dict[str, int] = {}
         self._plan_retry_at: dict[str, float] = {}
         self._retry_at: dict[tuple[str, str], float] = {}
+        self._orphaned: dict[str, float] = {}
+        """Running jobs seen without a lease holder: job id -> since when."""
 
     def close(self) -> None:
         self._stop.set()
@@ -149,12 +151,29 @@ class MigrationFeeder:
                 self._submit((mig_id, uid), self._verifier(mig_id, request, uid))
             else:
                 try:
-                    status = self.jobs.get(value).status
+                    job = self.jobs.get(value)
                 except JobNotFound:
-                    status = JobStatus.FAILED
-                if status.is_final:
+                    job = None
+                if job is None or job.status.is_final:
                     self.store.client.hset(self.store.key(mig_id, "inflight"), uid, VERIFY)
                     self._submit((mig_id, uid), self._verifier(mig_id, request, uid))
+                else:
+                    self._revive(job.id, job.status, job.request.priority)
+
+    def _revive(self, job_id: str, status: JobStatus, priority: int) -> None:
+        """Queue again a running job nobody runs any more (its worker was killed: Celery
+        would redeliver its message only after the broker's visibility timeout, an hour by
+        default). A second message for a job is harmless: the task leaves a job that is
+        leased or final alone."""
+        if status is not JobStatus.RUNNING or self.jobs.lease_holder(job_id) is not None:
+            self._orphaned.pop(job_id, None)
+            return
+        now = time.monotonic()
+        since = self._orphaned.setdefault(job_id, now)
+        if now - since >= 2 * self.config.worker.lease_seconds:
+            log.warning("re-queueing a study job whose worker vanished", extra={"job_id": job_id})
+            enqueue_retrieves(self.celery, [(job_id, priority)])
+            self._orphaned.pop(job_id, None)
 
     def _plan(self, mig_id: str) -> None:
         key = (mig_id, "")
