@@ -132,4 +132,8 @@ class Scheduler:
 
 def build_duties(config: Config) -> list[Duty]:
     """Every duty of the fleet; features add theirs here (migrations, prefetch, worklists)."""
-    return []
+    from pacsfetch.workers import prefetch  # features import the scheduler's Duty
+
+    duties: list[Duty] = []
+    duties += prefetch.duties(config)
+    return duties

@@ -75,16 +75,17 @@ class Inventory:
 
 
 def find_matches(assoc: Association, identifier: Dataset, where: str,
-                 max_results: int) -> tuple[list[Dataset], bool]:
+                 max_results: int, model: str = FIND_MODEL) -> tuple[list[Dataset], bool]:
     """The matches, and whether the PACS cut the answer short.
 
     A failure status after at least one match is a cap, as is exactly *max_results*
     matches (the source's known limit); a failure with no match is an error. The study
-    search (:mod:`pacsfetch.plugins.find`) and the retrieve planning below share it.
+    search (:mod:`pacsfetch.plugins.find`), the retrieve planning below and the worklist
+    query (*model*: Modality Worklist) share it.
     """
     matches: list[Dataset] = []
     quiet_reactor(assoc)
-    for status, found in assoc.send_c_find(identifier, FIND_MODEL):
+    for status, found in assoc.send_c_find(identifier, model):
         code = getattr(status, "Status", None)
         if code is None:
             raise RetrieveError(
@@ -99,7 +100,7 @@ def find_matches(assoc: Association, identifier: Dataset, where: str,
             return matches, True
         else:
             raise RetrieveError(
-                ErrorKind.QUERY, f"{where} answered a {identifier.QueryRetrieveLevel}-level "
+                ErrorKind.QUERY, f"{where} answered a {identifier.get('QueryRetrieveLevel', 'worklist')}-level "
                 f"C-FIND with failure status 0x{code:04X}"
             )
     return matches, False

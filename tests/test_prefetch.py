@@ -1,0 +1,184 @@
+"""Prefetch: rules against a real archive (Orthanc), the reading PACS behind a forward store
+(a second Orthanc), the durable schedule, the API, and the whole fleet as processes.
+
+The search runs inline here (``run_prefetch``) where the test is about what was chosen and
+why; the end-to-end tests run ``pacsfetch scheduler`` and ``pacsfetch worker`` for real.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from helpers import make_config
+
+from pacsfetch.api.app import create_app
+from pacsfetch.config import parse_config
+from pacsfetch.jobstore import JobStore
+from pacsfetch.prefetch import CurrentExam, PrefetchRequest, PrefetchStatus, PrefetchStore
+from pacsfetch.prefetch_intake import request_prefetch
+from pacsfetch.queue import make_celery, priority_queue_keys
+from pacsfetch.sandbox.peers import Orthanc
+from pacsfetch.sandbox.priors import HistoryStudy, generate_history_study
+from pacsfetch.workers.prefetch import run_prefetch
+
+TODAY = date(2026, 6, 1)
+"""The day the inline searches run on, so look-back decisions do not drift with the clock."""
+
+# (patient, date, modality, description, body part, accession)
+HISTORY = [
+    ("PF-PRI-1", date(2026, 3, 10), "CR", "XR CHEST", "CHEST", "A1"),
+    ("PF-PRI-1", date(2025, 9, 1), "MR", "MR BRAIN", "HEAD", "A2"),
+    ("PF-PRI-1", date(2024, 5, 1), "CT", "CT CHEST", "CHEST", "A3"),
+    ("PF-PRI-1", date(2023, 2, 1), "MR", "MR BRAIN", "HEAD", "A4"),
+    ("PF-PRI-1", date(2019, 1, 1), "MR", "MR KNEE", "KNEE", "A5"),
+    ("PF-PRI-2", date(2025, 1, 1), "CT", "CT CHEST", "CHEST", "B1"),
+    ("PF-PRI-2", date(2024, 1, 1), "CT", "CT ABDOMEN", "ABDOMEN", "B2"),
+    ("PF-PRI-2", date(2023, 1, 1), "CR", "XR CHEST", "SKULL", "B3"),
+]
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> dict[str, HistoryStudy]:
+    folder = tmp_path_factory.mktemp("history")
+    return {acc: generate_history_study(folder, patient_id=pid, study_date=day, modality=mod,
+                                        description=desc, body_part=part, accession=acc)
+            for pid, day, mod, desc, part, acc in HISTORY}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory,
+            history: dict[str, HistoryStudy]) -> Iterator[Orthanc]:
+    with Orthanc(tmp_path_factory.mktemp("archive"), aet="ARCHIVE", dicomweb=False) as server:
+        for item in history.values():
+            server.upload_study(item.study)
+        yield server
+
+
+@pytest.fixture
+def reading(tmp_path: Path) -> Iterator[Orthanc]:
+    """The reading PACS: empty at the start of each test."""
+    with Orthanc(tmp_path / "reading", aet="READING", dicomweb=False) as server:
+        yield server
+
+
+def prefetch_config(redis_url: str, tmp_path: Path, archive: Orthanc, reading: Orthanc,
+                    **extra: Any) -> dict[str, Any]:
+    data = make_config(redis_url=redis_url, store_root=tmp_path / "store", extra_sources={
+        "archive": {"ae_title": archive.aet, "host": "127.0.0.1", "port": archive.dicom_port,
+                    "transports": ["c-get"], "timeout": 10}})
+    data["stores"]["reading"] = {"plugin": "dicom", "ae_title": reading.aet,
+                                 "host": "127.0.0.1", "port": reading.dicom_port}
+    data["prefetch"] = {"rules": {
+        "mr": {"when_modalities": ["MR"], "prior_modalities": ["MR", "CT"],
+               "lookback_years": 5, "max_priors": 2, "include_last_of_any_modality": True,
+               "sources": ["archive"], "stores": ["reading"], "priority": 8,
+               "lead_minutes": 60},
+        "chest": {"when_modalities": ["CT", "CR"], "when_description_words": ["CHEST"],
+                  "prior_description_words": ["CHEST"], "prior_body_parts": ["CHEST"],
+                  "sources": ["archive"], "stores": ["reading"], "priority": 7},
+    }}
+    data.update(extra)
+    return data
+
+
+def _request(patient: str, modality: str, description: str | None = None,
+             accession: str | None = None, at: datetime | None = None) -> PrefetchRequest:
+    return PrefetchRequest(patient_id=patient, current=CurrentExam(
+        modality=modality, study_description=description, accession_number=accession,
+        scheduled_at=at))
+
+
+def _decisions(record: Any, history: dict[str, HistoryStudy]) -> dict[str, tuple[str, str]]:
+    by_uid = {item.study_uid: acc for acc, item in history.items()}
+    return {by_uid[c.study_uid]: (c.decision.value, c.reason) for c in record.candidates}
+
+
+def test_rule_picks_the_right_priors_and_says_why(
+        redis_url: str, tmp_path: Path, archive: Orthanc, reading: Orthanc,
+        history: dict[str, HistoryStudy]) -> None:
+    config = parse_config(prefetch_config(redis_url, tmp_path, archive, reading))
+    store, jobs = PrefetchStore.from_url(redis_url), JobStore.from_url(redis_url)
+    record, created = request_prefetch(store, config, _request("PF-PRI-1", "MR", "MR BRAIN"),
+                                       "api")
+    assert created and record.rule is not None and record.rule.name == "mr"
+    assert "MR is in when_modalities" in record.rule.reason
+
+    run_prefetch(config, store, jobs, make_celery(config), record.id, "test", today=TODAY)
+
+    done = store.get(record.id)
+    assert done.status is PrefetchStatus.FETCHING
+    decisions = _decisions(done, history)
+    assert {acc for acc, (d, _) in decisions.items() if d == "chosen"} == {"A1", "A2", "A3"}
+    assert "recent prior 1 of max_priors=2" in decisions["A2"][1]
+    assert "recent prior 2 of max_priors=2" in decisions["A3"][1]
+    assert "include_last_of_any_modality" in decisions["A1"][1]
+    assert "not in prior_modalities" in decisions["A1"][1]
+    assert decisions["A4"] == ("left-out", "matches, but max_priors=2 more recent ones were chosen")
+    assert "older than lookback_years=5" in decisions["A5"][1]
+    # Another patient's studies are never candidates.
+    assert not {"B1", "B2", "B3"} & decisions.keys()
+    # Each chosen prior became a queued retrieve job: origin prefetch, the rule's priority.
+    chosen = [c for c in done.candidates if c.decision.value == "chosen"]
+    for cand in chosen:
+        job = jobs.get(cand.job_id)
+        assert job.origin == "prefetch" and job.request.priority == 8
+        assert job.request.store_names == ["reading"] and job.request.study_uid == cand.study_uid
+    queued = redis.Redis.from_url(redis_url).llen(priority_queue_keys()[8])
+    assert queued == len(chosen)
+
+
+def test_description_and_body_part_filters(redis_url: str, tmp_path: Path, archive: Orthanc,
+                                           reading: Orthanc,
+                                           history: dict[str, HistoryStudy]) -> None:
+    config = parse_config(prefetch_config(redis_url, tmp_path, archive, reading))
+    store, jobs = PrefetchStore.from_url(redis_url), JobStore.from_url(redis_url)
+    record, _ = request_prefetch(store, config, _request("PF-PRI-2", "CT", "CT THORAX CHEST"),
+                                 "api")
+    assert record.rule is not None and record.rule.name == "chest"
+    assert "the description holds CHEST" in record.rule.reason
+
+    run_prefetch(config, store, jobs, make_celery(config), record.id, "test", today=TODAY)
+
+    decisions = _decisions(store.get(record.id), history)
+    assert decisions["B1"][0] == "chosen"
+    assert decisions["B2"] == ("left-out", "the description holds none of prior_description_words")
+    assert decisions["B3"] == ("left-out", "body parts (SKULL) not in prior_body_parts")
+
+
+def test_no_rule_and_a_second_trigger_for_the_same_order(
+        redis_url: str, tmp_path: Path, archive: Orthanc, reading: Orthanc) -> None:
+    config = parse_config(prefetch_config(redis_url, tmp_path, archive, reading))
+    client = TestClient(create_app(config))
+    at = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    body = {"patient_id": "PF-PRI-1",
+            "current": {"modality": "MR", "accession_number": "NEW1", "scheduled_at": at}}
+
+    first = client.post("/prefetch", json=body)
+    assert first.status_code == 202, first.text
+    assert first.headers["Location"] == f"/prefetch/{first.json()['id']}"
+    assert first.json()["status"] == "scheduled"
+    # Same order again (as the worklist entry an HL7 order produced): the same request.
+    again = client.post("/prefetch", json={**body, "current": {**body["current"],
+                                                               "study_description": "MR"}})
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    listed = client.get("/prefetch", params={"patient_id": "PF-PRI-1"}).json()
+    assert [r["id"] for r in listed] == [first.json()["id"]]
+    shown = client.get(first.headers["Location"]).json()
+    assert shown["rule"]["name"] == "mr" and shown["created_by"] == "api"
+    start = datetime.fromisoformat(shown["start_at"])
+    assert start == datetime.fromisoformat(at) - timedelta(minutes=60)
+
+    no_rule = client.post("/prefetch", json={"patient_id": "P", "current": {"modality": "US"}})
+    assert no_rule.status_code == 422
+    assert no_rule.json()["detail"][0]["loc"] == ["body", "current"]
+    assert "US exam" in no_rule.json()["detail"][0]["msg"]
+    bad = client.post("/prefetch", json={"patient_id": "P", "current": {"modality": "C T"}})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "modality"
+    assert client.get("/prefetch/nope").status_code == 404
+    assert PrefetchStore.from_url(config.broker.url).waiting() == 1
