@@ -182,3 +182,22 @@ def test_no_rule_and_a_second_trigger_for_the_same_order(
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "modality"
     assert client.get("/prefetch/nope").status_code == 404
     assert PrefetchStore.from_url(config.broker.url).waiting() == 1
+
+
+def test_a_prior_the_reading_pacs_holds_is_not_fetched_again(
+        redis_url: str, tmp_path: Path, archive: Orthanc, reading: Orthanc,
+        history: dict[str, HistoryStudy]) -> None:
+    reading.upload_study(history["A2"].study)
+    config = parse_config(prefetch_config(redis_url, tmp_path, archive, reading))
+    store, jobs = PrefetchStore.from_url(redis_url), JobStore.from_url(redis_url)
+    record, _ = request_prefetch(store, config, _request("PF-PRI-1", "MR"), "api")
+
+    run_prefetch(config, store, jobs, make_celery(config), record.id, "test", today=TODAY)
+
+    done = store.get(record.id)
+    decisions = _decisions(done, history)
+    assert decisions["A2"][0] == "in-place"
+    assert "every store already holds it: not fetched again" in decisions["A2"][1]
+    assert {acc for acc, (d, _) in decisions.items() if d == "chosen"} == {"A1", "A3"}
+    fetched = {jobs.get(c.job_id).request.study_uid for c in done.candidates if c.job_id}
+    assert history["A2"].study_uid not in fetched and len(fetched) == 2

@@ -28,28 +28,29 @@ from pacsfetch.prefetch_intake import NoRule, cancel_prefetch, request_prefetch
 
 log = logging.getLogger(__name__)
 
-_DELIMITERS = re.compile(r"[|^~\\&\r\n]")
 _CONTROL_ID = re.compile(r"^MSH\|[^|]*(?:\|[^|\r]*){7}\|([^|\r]*)")
+_ESCAPES = {"\\": "\\E\\", "|": "\\F\\", "^": "\\S\\", "~": "\\R\\", "&": "\\T\\"}
 
 
-def _clean(text: str) -> str:
-    """Text safe inside one HL7 field (the reason in MSA-3)."""
-    return _DELIMITERS.sub(" ", text)[:200]
+def _escaped(text: str) -> str:
+    """Text safe inside one HL7 field (MSA-3), with the standard escape sequences."""
+    text = " ".join(text.split())[:200]
+    return "".join(_ESCAPES.get(char, char) for char in text)
 
 
 def bare_ack(code: str, reason: str, raw: str) -> str:
     """An acknowledgement for a message too broken to build one from: MSA-2 carries its
     control ID when one can be found."""
     match = _CONTROL_ID.match(raw.lstrip())
-    control_id = _clean(match.group(1)) if match else ""
+    control_id = _escaped(match.group(1)) if match else ""
     stamp = datetime.now(UTC).strftime("%Y%m%d%H%M%S")
     return (f"MSH|^~\\&|PACSFETCH||||{stamp}||ACK|{stamp}|P|2.5\r"
-            f"MSA|{code}|{control_id}|{_clean(reason)}")
+            f"MSA|{code}|{control_id}|{_escaped(reason)}")
 
 
 def _ack(message: hl7.Message, code: str, text: str) -> str:
     ack = message.create_ack(code, application="PACSFETCH")
-    ack.segment("MSA").assign_field(_clean(text), 3)
+    ack.segment("MSA").assign_field(_escaped(text), 3)
     return str(ack)
 
 
