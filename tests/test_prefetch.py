@@ -15,15 +15,15 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from helpers import make_config
+from helpers import CliProcess, WorkerProcess, make_config, wait_for, write_toml
 
 from pacsfetch.api.app import create_app
 from pacsfetch.config import parse_config
 from pacsfetch.jobstore import JobStore
-from pacsfetch.prefetch import CurrentExam, PrefetchRequest, PrefetchStatus, PrefetchStore
+from pacsfetch.prefetch import FINAL, CurrentExam, PrefetchRequest, PrefetchStatus, PrefetchStore
 from pacsfetch.prefetch_intake import request_prefetch
 from pacsfetch.queue import make_celery, priority_queue_keys
-from pacsfetch.sandbox.peers import Orthanc
+from pacsfetch.sandbox.peers import Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.priors import HistoryStudy, generate_history_study
 from pacsfetch.workers.prefetch import run_prefetch
 
@@ -201,3 +201,78 @@ def test_a_prior_the_reading_pacs_holds_is_not_fetched_again(
     assert {acc for acc, (d, _) in decisions.items() if d == "chosen"} == {"A1", "A3"}
     fetched = {jobs.get(c.job_id).request.study_uid for c in done.candidates if c.job_id}
     assert history["A2"].study_uid not in fetched and len(fetched) == 2
+
+
+class DurableRedis(RedisServer):
+    """Redis with an append-only file, as production runs it: state survives its restart."""
+
+    def _command(self) -> list[str]:
+        return [*super()._command()[:-6], "--appendonly", "yes", "--appendfsync", "always",
+                "--dir", str(self.workdir)]
+
+
+class SchedulerProcess(CliProcess):
+    name = "scheduler"
+    ready_marker = b"scheduler leads"
+
+    def __init__(self, config_path: Path, log_path: Path) -> None:
+        super().__init__(["scheduler"], config_path, log_path)
+
+
+def test_a_far_future_request_survives_a_restart_of_everything_and_runs_once_at_its_time(
+        tmp_path: Path, archive: Orthanc, reading: Orthanc,
+        history: dict[str, HistoryStudy]) -> None:
+    with DurableRedis(tmp_path / "redis") as durable:
+        data = prefetch_config(durable.url, tmp_path, archive, reading)
+        data["prefetch"]["rules"]["mr"]["lead_minutes"] = 0
+        data["metrics"]["scheduler_port"] = free_port()
+        path = write_toml(data, tmp_path / "fleet.toml")
+        data["metrics"]["scheduler_port"] = free_port()  # a standby on the same host
+        standby_path = write_toml(data, tmp_path / "standby.toml")
+        config = parse_config(data)
+        store, jobs = PrefetchStore.from_url(durable.url), JobStore.from_url(durable.url)
+        at = datetime.now(UTC) + timedelta(seconds=25)
+        soon, _ = request_prefetch(store, config, _request("PF-PRI-1", "MR", at=at), "api")
+        later, _ = request_prefetch(store, config, _request(
+            "PF-PRI-2", "MR", at=at + timedelta(days=1)), "api")
+
+        def fleet(round_: int) -> list[CliProcess]:
+            worker = WorkerProcess(path, tmp_path / f"worker{round_}.log")
+            leader = SchedulerProcess(path, tmp_path / f"scheduler{round_}.log")
+            leader.wait_ready()
+            standby = SchedulerProcess(standby_path, tmp_path / f"standby{round_}.log")
+            worker.wait_ready()
+            return [worker, leader, standby]
+
+        for process in fleet(0):  # every process stops before the request is due ...
+            process.stop()
+        durable.stop()
+        durable.start()  # ... Redis too
+        assert store.waiting() == 2
+        running = fleet(1)
+        try:
+            done = wait_for(lambda: (r := store.get(soon.id)).status in FINAL and r,
+                            timeout=120, what="the prefetch to finish")
+        finally:
+            for process in running:
+                process.stop()
+
+        assert done.status is PrefetchStatus.DONE, done.error
+        assert done.in_place_at is not None and done.in_place_at >= at  # not before its time
+        assert done.lead_seconds is not None and done.lead_seconds <= 0
+        chosen = {history[a].study_uid for a in ("A1", "A2", "A3")}
+        assert {c.study_uid for c in done.candidates if c.decision.value == "chosen"} == chosen
+        for uid in chosen:  # in the reading PACS, whole
+            assert len(reading.list_study_instances(uid)) == len(history_study(history, uid))
+        # Ran once: one search, one job per prior, whatever restarted or stood by.
+        logs = b"".join((tmp_path / f"worker{n}.log").read_bytes() for n in (0, 1))
+        assert logs.count(b"prefetch submitted") == 1
+        prefetch_jobs = [j for j in jobs.list(limit=100)[0] if j.origin == "prefetch"]
+        assert sorted(j.request.study_uid for j in prefetch_jobs) == sorted(chosen)
+        assert store.get(later.id).status is PrefetchStatus.SCHEDULED
+        assert store.waiting() == 1
+
+
+def history_study(history: dict[str, HistoryStudy], study_uid: str) -> list[str]:
+    (item,) = [h for h in history.values() if h.study_uid == study_uid]
+    return [instance.sop_instance_uid for instance in item.study.instances]
