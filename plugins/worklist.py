@@ -16,7 +16,7 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
 from pacsfetch.config import SourceConfig
-from pacsfetch.plugins.dimse import associate
+from pacsfetch.plugins.dimse.legacy import associate
 from pacsfetch.plugins.transports.query import find_matches
 
 

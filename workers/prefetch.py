@@ -31,7 +31,7 @@ from pacsfetch.errors import RetrieveError
 from pacsfetch.jobstore import JobNotFound, JobStore
 from pacsfetch.metrics import PREFETCH_LEAD_TIME, PREFETCH_PRIORS, PREFETCH_REQUESTS
 from pacsfetch.models import JobRequest, JobStatus, Level
-from pacsfetch.plugins.dimse import associate
+from pacsfetch.plugins.dimse.legacy import associate
 from pacsfetch.plugins.find import find_studies
 from pacsfetch.plugins.transports.query import FIND_MODEL, find_matches
 from pacsfetch.plugins.worklist import find_worklist

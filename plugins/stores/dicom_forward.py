@@ -37,7 +37,7 @@ from pacsfetch import hookimpl
 from pacsfetch.config import AETitle, SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
-from pacsfetch.plugins.dimse import MAX_PRESENTATION_CONTEXTS, associate, quiet_reactor
+from pacsfetch.plugins.dimse.legacy import MAX_PRESENTATION_CONTEXTS, associate, quiet_reactor
 from pacsfetch.plugins.stores.dicom_inventory import find_study_instances
 
 log = logging.getLogger(__name__)

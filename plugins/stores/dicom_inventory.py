@@ -12,7 +12,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.presentation import build_context
 
 from pacsfetch.config import SourceConfig
-from pacsfetch.plugins.dimse import associate
+from pacsfetch.plugins.dimse.legacy import associate
 from pacsfetch.plugins.transports.query import FIND_MODEL, find_matches
 from pacsfetch.uids import is_valid_uid
 

@@ -31,13 +31,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pacsfetch import hookimpl
 from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
-from pacsfetch.plugins.stores.layout import DEFAULT_LAYOUT, check_layout, render_layout
+from pacsfetch.plugins.stores.layout import (
+    CONTROL_AREA,
+    DEFAULT_LAYOUT,
+    check_layout,
+    render_layout,
+)
 from pacsfetch.plugins.stores.listing import study_listing
 from pacsfetch.procs import pid_alive
 
 log = logging.getLogger(__name__)
 
-CONTROL_DIR = ".pacsfetch"
+CONTROL_DIR = CONTROL_AREA
 STALE_SPOOL_SECONDS = 24 * 3600
 
 
