@@ -7,7 +7,7 @@ why; the end-to-end tests run ``pacsfetch scheduler`` and ``pacsfetch worker`` f
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,10 @@ from helpers import CliProcess, WorkerProcess, make_config, wait_for, write_toml
 from pacsfetch.api.app import create_app
 from pacsfetch.config import parse_config
 from pacsfetch.jobstore import JobStore
+from pacsfetch.models import JobRequest
 from pacsfetch.prefetch import FINAL, CurrentExam, PrefetchRequest, PrefetchStatus, PrefetchStore
 from pacsfetch.prefetch_intake import request_prefetch
-from pacsfetch.queue import make_celery, priority_queue_keys
+from pacsfetch.queue import enqueue_retrieves, make_celery, priority_queue_keys
 from pacsfetch.sandbox.peers import Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.priors import HistoryStudy, generate_history_study
 from pacsfetch.workers.prefetch import run_prefetch
@@ -276,3 +277,31 @@ def test_a_far_future_request_survives_a_restart_of_everything_and_runs_once_at_
 def history_study(history: dict[str, HistoryStudy], study_uid: str) -> list[str]:
     (item,) = [h for h in history.values() if h.study_uid == study_uid]
     return [instance.sop_instance_uid for instance in item.study.instances]
+
+
+def test_prefetch_jobs_overtake_queued_migration_jobs_of_the_same_source(
+        redis_url: str, tmp_path: Path, archive: Orthanc, reading: Orthanc,
+        history: dict[str, HistoryStudy],
+        start_worker: Callable[..., WorkerProcess]) -> None:
+    data = prefetch_config(redis_url, tmp_path, archive, reading)
+    config = parse_config(data)
+    store, jobs = PrefetchStore.from_url(redis_url), JobStore.from_url(redis_url)
+    celery = make_celery(config)
+    migration = [jobs.create(JobRequest(source="archive", study_uid=item.study_uid,
+                                        store="local", priority=0), origin="migration")
+                 for acc, item in history.items() if acc.startswith("B")]
+    enqueue_retrieves(celery, [(job.id, 0) for job in migration])  # queued first
+    record, _ = request_prefetch(store, config, _request("PF-PRI-1", "MR"), "api")
+    run_prefetch(config, store, jobs, celery, record.id, "test", today=TODAY)
+    prefetched = [c.job_id for c in store.get(record.id).candidates if c.job_id]
+    assert len(prefetched) == 3
+
+    start_worker(data, concurrency=1)  # one job at a time: the queue order decides
+
+    def finished() -> list[Any]:
+        every = [jobs.get(job_id) for job_id in [*prefetched, *(j.id for j in migration)]]
+        return every if all(job.status.is_final for job in every) else []
+
+    every = wait_for(finished, timeout=120, what="every job to finish")
+    started = {job.id: job.started_at for job in every}
+    assert max(started[j] for j in prefetched) < min(started[j.id] for j in migration)
