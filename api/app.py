@@ -11,13 +11,14 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from pacsfetch import __version__
-from pacsfetch.api import jobs, metrics, migrations, sources
+from pacsfetch.api import jobs, metrics, migrations, prefetch, sources
 from pacsfetch.api.auth import TOKEN_ENV, api_token, require_token
 from pacsfetch.api.schemas import Health
 from pacsfetch.api.submit import GroupCommit
 from pacsfetch.config import Config, ConfigError, load_config
 from pacsfetch.jobstore import JobStore
 from pacsfetch.migrations import MigrationStore
+from pacsfetch.prefetch import PrefetchStore
 from pacsfetch.queue import make_celery
 
 
@@ -56,6 +57,8 @@ def create_app(config: Config | None = None) -> FastAPI:
     app.include_router(jobs.router, dependencies=protected)
     app.include_router(sources.router, dependencies=protected)
     app.include_router(migrations.router, dependencies=protected)
+    app.state.prefetch = PrefetchStore.from_url(config.broker.url)
+    app.include_router(prefetch.router, dependencies=protected)
     app.include_router(metrics.router)  # no token, like /healthz: see api/metrics.py
 
     @app.get("/healthz", response_model=Health, tags=["health"],

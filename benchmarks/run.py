@@ -19,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import apiload, dimse_paths, report, tools
+from benchmarks import prefetch as prefetch_bench
 from benchmarks.environment import FULL, QUICK, Environment, Plan
 from pacsfetch.plugins.registry import get_registry
 
-PARTS = ("tools", "nagle", "queued", "move", "forward", "wan", "scaling", "api")
+PARTS = ("tools", "nagle", "queued", "move", "forward", "wan", "scaling", "api", "prefetch")
 API_WORKERS = 2
 """``pacsfetch api --workers``: one process per core of the 2-core reference machine."""
 
@@ -45,6 +46,7 @@ def run(workdir: Path, quick: bool, only: set[str]) -> dict[str, Any]:
     transports = _transports(notes)
     rows: list[tools.Measurement] = []
     api: dict[str, Any] = {}
+    prefetch: dict[str, Any] = {}
     shutil.rmtree(workdir / "peers", ignore_errors=True)
     shutil.rmtree(workdir / "runs", ignore_errors=True)
     runs = workdir / "runs"
@@ -55,6 +57,13 @@ def run(workdir: Path, quick: bool, only: set[str]) -> dict[str, Any]:
         rows.append(row)
         print(report.table([row]).splitlines()[-1], flush=True)
 
+    if "prefetch" in only:  # its own Redis and Orthancs: none of the studies below
+        prefetch = prefetch_bench.run(runs, quick)
+        if only == {"prefetch"}:
+            return {"taken": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                    "machine": report.machine(), "mode": "quick" if quick else "full",
+                    "notes": notes, "measurements": [], "prefetch": prefetch, "targets": [],
+                    "seconds": round(time.perf_counter() - started, 1), "_rows": rows}
     with Environment(workdir, plan) as env:
         assert env.redis is not None
         print(f"peers ready in {time.perf_counter() - started:.0f} s", flush=True)
@@ -112,6 +121,7 @@ def run(workdir: Path, quick: bool, only: set[str]) -> dict[str, Any]:
         "notes": notes,
         "measurements": [r.as_json() for r in rows],
         "api": api,
+        "prefetch": prefetch,
         "targets": report.ratios(rows) + report.api_targets(api),
         "seconds": round(time.perf_counter() - started, 1),
         "_rows": rows,

@@ -215,6 +215,12 @@ def scheduler() -> None:
 
     config = _load()
     configure_logging()
+    from pacsfetch.metrics import serve_scheduler_metrics  # prefetch: lead times, worklists
+
+    try:
+        serve_scheduler_metrics(config.metrics)
+    except ConfigError as exc:
+        _fail(f"configuration error in {exc}")
     client = redis.Redis.from_url(config.broker.url, decode_responses=True,
                                   socket_timeout=10, socket_connect_timeout=5)
     runner = Scheduler(client, build_duties(config))
@@ -339,6 +345,64 @@ def echo(source: str) -> None:
     console.print(("[green]ok[/] " if result.ok else "[red]failed[/] ")
                   + f"{result.message} ({result.elapsed_ms:.0f} ms)")
     sys.exit(0 if result.ok else 1)
+
+
+# --- prefetch ------------------------------------------------------------------------------
+@main.command()
+def hl7() -> None:
+    """Listen for HL7 orders (ORM^O01, SIU^S12) over MLLP on [hl7] port and turn them into
+    prefetch requests; each message is acknowledged (AA, or AE/AR saying why)."""
+    import asyncio
+
+    from pacsfetch.logs import configure_logging
+    from pacsfetch.metrics import serve_hl7_metrics
+    from pacsfetch.prefetch import PrefetchStore
+    from pacsfetch.workers.hl7_listener import Hl7Listener
+
+    config = _load()
+    configure_logging()
+    try:
+        serve_hl7_metrics(config.metrics)
+    except ConfigError as exc:
+        _fail(f"configuration error in {exc}")
+    listener = Hl7Listener(config, PrefetchStore.from_url(config.broker.url))
+    try:
+        asyncio.run(listener.serve())
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        _fail(f"cannot listen on {config.hl7.bind}:{config.hl7.port}: {exc}", 1)
+
+
+@main.command()
+@click.option("--patient-id", required=True, help="The patient whose priors to fetch.")
+@click.option("--issuer", "issuer_of_patient_id", help="Issuer of Patient ID.")
+@click.option("--modality", required=True, help="Modality of the coming exam, e.g. CT.")
+@click.option("--description", "study_description", help="Its procedure description.")
+@click.option("--accession", "accession_number", help="Its accession number.")
+@click.option("--at", "scheduled_at", help="When it takes place (ISO 8601; default: now).")
+@click.option("--rule", help="A [prefetch.rules.NAME] (default: the first that applies).")
+@api_option
+@click.option("--wait/--no-wait", default=False, help="Wait until the priors are in place.")
+def prefetch(api_url: str, wait: bool, patient_id: str, issuer_of_patient_id: str | None,
+             rule: str | None, **current: Any) -> None:
+    """Ask the API to prefetch a patient's priors before an exam; prints the request id."""
+    body = {"patient_id": patient_id, "issuer_of_patient_id": issuer_of_patient_id,
+            "rule": rule, "current": {k: v for k, v in current.items() if v is not None}}
+    with _client(api_url) as client:
+        record = _api_call(client.post("/prefetch", json=body))
+        click.echo(record["id"])
+        while wait and record["status"] not in ("done", "failed", "cancelled"):
+            time.sleep(1)
+            record = _api_call(client.get(f"/prefetch/{record['id']}"))
+    if wait:
+        for cand in record["candidates"]:
+            console.print(f"{cand['decision']:>9} {cand['study_date'] or '?':8} "
+                          f"{','.join(cand['modalities']):8} {cand['reason']}")
+        colour = "green" if record["status"] == "done" else "red"
+        console.print(f"[bold {colour}]{record['status']}[/]" +
+                      (f": {record['error']}" if record.get("error") else ""))
+        sys.exit(0 if record["status"] == "done" else 1)
 
 
 # Migrations (pacsfetch migrate, pacsfetch migration ...) live in their own module.

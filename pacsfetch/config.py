@@ -25,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 
+from pacsfetch.hl7_orders import Hl7Config
+from pacsfetch.prefetch_rules import PrefetchConfig, check_references
 from pacsfetch.uids import check_ae_title, check_uid
 from pacsfetch.windows import check_timezone, parse_window
 
@@ -265,6 +267,9 @@ class MetricsConfig(_Section):
     bind: str = Field("0.0.0.0", min_length=1, description="Address the metrics ports listen on.")
     worker_port: int = Field(9808, ge=1, le=65535)
     receiver_port: int = Field(9809, ge=1, le=65535)
+    # prefetch: the HL7 listener and the scheduler count prefetch work too
+    hl7_port: int = Field(9810, ge=1, le=65535)
+    scheduler_port: int = Field(9811, ge=1, le=65535)
 
 
 class ReceiverConfig(_Section):
@@ -304,6 +309,8 @@ class Config(_Section):
     worker: WorkerConfig = WorkerConfig()
     metrics: MetricsConfig = MetricsConfig()
     receiver: ReceiverConfig = ReceiverConfig()
+    prefetch: PrefetchConfig = PrefetchConfig()
+    hl7: Hl7Config = Hl7Config()
     path: Path | None = Field(None, exclude=True, description="Where it was loaded from.")
 
 
@@ -341,6 +348,9 @@ def parse_config(data: dict[str, Any], *, source: str = "config") -> Config:
     for name in (*config.sources, *config.stores):
         if not name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{source}: section name {name!r} may hold only letters, digits, - and _")
+    problems = check_references(config.prefetch, set(config.sources), set(config.stores))
+    if problems:
+        raise ConfigError(f"{source}:\n" + "\n".join(problems))
     return config
 
 

@@ -137,6 +137,29 @@ ASSOCIATION_SLOT_WAIT = Histogram(
     ["source"], buckets=QUEUED_BUCKETS,
 )
 
+# --- prefetch (API, HL7 listener, workers, scheduler) ---------------------------------------
+PREFETCH_REQUESTS = Counter(
+    "pacsfetch_prefetch_requests",
+    "Prefetch requests by trigger (`api`, `hl7`, `worklist`) and outcome: at intake "
+    "`accepted`, `duplicate` (joined the same order's request), `no-rule`, `cancelled`; at the "
+    "end `done` or `failed`.",
+    ["trigger", "outcome"],
+)
+PREFETCH_PRIORS = Counter(
+    "pacsfetch_prefetch_priors",
+    "Candidate priors by decision: `chosen`, `left-out`, `in-place` (held already, skipped), "
+    "`fetched` (its retrieve succeeded), `failed`.",
+    ["decision"],
+)
+# Seconds before the exam that all priors were in place; negative when late.
+LEAD_TIME_BUCKETS = (-3600, -600, -60, 0, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400,
+                     86400)
+PREFETCH_LEAD_TIME = Histogram(
+    "pacsfetch_prefetch_lead_time_seconds",
+    "How long before scheduled_at a prefetch had every chosen prior in place (negative: late).",
+    buckets=LEAD_TIME_BUCKETS,
+)
+
 
 class InstanceMeter:
     """The instance counters of one job attempt with one transport, labels bound once.
@@ -173,6 +196,7 @@ _DEFINED = (
     JOB_QUEUED, JOBS_IN_FLIGHT, INSTANCES_RECEIVED, RECEIVED_BYTES, INSTANCES_STORED,
     STORED_BYTES, INSTANCE_FAILURES, ASSOCIATIONS_OPENED, ASSOCIATIONS_OPEN,
     ASSOCIATION_THROUGHPUT, ASSOCIATION_SLOT_WAITING, ASSOCIATION_SLOT_WAIT,
+    PREFETCH_REQUESTS, PREFETCH_PRIORS, PREFETCH_LEAD_TIME,
 )
 
 
@@ -239,3 +263,16 @@ def serve_receiver_metrics(config: MetricsConfig) -> None:
     """Serve the move receiver's metrics on ``[metrics] receiver_port`` (one call at start)."""
     if config.enabled:
         serve(config.receiver_port, config.bind, "metrics.receiver_port")
+
+
+def serve_hl7_metrics(config: MetricsConfig) -> None:
+    """Serve the HL7 listener's metrics on ``[metrics] hl7_port``."""
+    if config.enabled:
+        serve(config.hl7_port, config.bind, "metrics.hl7_port")
+
+
+def serve_scheduler_metrics(config: MetricsConfig) -> None:
+    """Serve the scheduler's metrics (worklist intake, prefetch lead times) on
+    ``[metrics] scheduler_port``."""
+    if config.enabled:
+        serve(config.scheduler_port, config.bind, "metrics.scheduler_port")

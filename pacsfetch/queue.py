@@ -19,6 +19,9 @@ from pacsfetch.config import Config
 RETRIEVE_TASK = "pacsfetch.retrieve"
 ECHO_TASK = "pacsfetch.echo"
 FIND_STUDIES_TASK = "pacsfetch.find_studies"
+PREFETCH_TASK = "pacsfetch.prefetch"
+PREFETCH_TASK_PRIORITY = 9
+"""A prefetch search is short and someone waits for its exam: it goes ahead of every job."""
 QUEUE = "pacsfetch"
 PRIORITY_LEVELS = 10
 QUEUE_SEP = ":"
@@ -80,4 +83,13 @@ def enqueue_retrieves(app: Celery, jobs: list[tuple[str, int]]) -> None:
         for job_id, priority in jobs:
             app.send_task(RETRIEVE_TASK, args=[job_id], queue=QUEUE,
                           priority=redis_priority(priority), producer=producer,
+                          ignore_result=True)
+
+
+def enqueue_prefetches(app: Celery, prefetch_ids: list[str]) -> None:
+    """Send due prefetch requests to the workers (by task name, like retrieves)."""
+    with app.producer_or_acquire() as producer, producer.batch():
+        for prefetch_id in prefetch_ids:
+            app.send_task(PREFETCH_TASK, args=[prefetch_id], queue=QUEUE,
+                          priority=redis_priority(PREFETCH_TASK_PRIORITY), producer=producer,
                           ignore_result=True)

@@ -88,6 +88,8 @@ class StudySummary(BaseModel):
     study_date: str | None = None
     accession_number: str | None = None
     modalities: list[str] = Field(default_factory=list)
+    study_description: str | None = None
+    issuer_of_patient_id: str | None = None
     series_count: int | None = None
     instance_count: int | None = None
 

@@ -79,6 +79,8 @@ def _identifier(query: StudyQuery, study_date: str | None) -> Dataset:
     ds.StudyDate = study_date or ""
     ds.AccessionNumber = query.AccessionNumber or ""
     ds.ModalitiesInStudy = query.ModalitiesInStudy or ""
+    ds.StudyDescription = ""  # return keys prefetch rules look at
+    ds.IssuerOfPatientID = ""
     ds.NumberOfStudyRelatedSeries = ""
     ds.NumberOfStudyRelatedInstances = ""
     return ds
@@ -111,6 +113,8 @@ def _summary(found: Dataset) -> StudySummary | None:
         study_date=_text(found, "StudyDate"),
         accession_number=_text(found, "AccessionNumber"),
         modalities=sorted(str(m) for m in modalities),
+        study_description=_text(found, "StudyDescription"),
+        issuer_of_patient_id=_text(found, "IssuerOfPatientID"),
         series_count=_count(found, "NumberOfStudyRelatedSeries"),
         instance_count=_count(found, "NumberOfStudyRelatedInstances"),
     )

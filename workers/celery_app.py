@@ -31,3 +31,6 @@ def _forget_metrics_of_exiting_child(pid: int, **_: object) -> None:
 
 # Register the tasks on this app.
 from pacsfetch.workers import tasks  # noqa: F401  (registers the tasks on the app)
+from pacsfetch.workers.prefetch import register as _register_prefetch
+
+_register_prefetch(app, config)

@@ -133,7 +133,9 @@ class Scheduler:
 def build_duties(config: Config) -> list[Duty]:
     """Every duty of the fleet; features add theirs here (migrations, prefetch, worklists)."""
     from pacsfetch.workers.migrate import migration_duty  # imports the plugins: only here
+    from pacsfetch.workers.prefetch import duties as prefetch_duties
 
     duties: list[Duty] = []
     duties.append(migration_duty(config))
+    duties += prefetch_duties(config)
     return duties

@@ -74,16 +74,17 @@ class Inventory:
 
 
 def find_matches(assoc: Association, identifier: Dataset, where: str,
-                 max_results: int) -> tuple[list[Dataset], bool]:
+                 max_results: int, model: str = FIND_MODEL) -> tuple[list[Dataset], bool]:
     """The matches, and whether the PACS cut the answer short.
 
     A failure status after at least one match is a cap, as is exactly *max_results*
     matches (the source's known limit); a failure with no match is an error. The study
-    search (:mod:`pacsfetch.plugins.find`) and the retrieve planning below share it.
+    search (:mod:`pacsfetch.plugins.find`), the retrieve planning below and the worklist
+    query (*model*: Modality Worklist) share it.
     """
     matches: list[Dataset] = []
     try:
-        responses = list(c_find(assoc, FIND_MODEL, identifier))
+        responses = list(c_find(assoc, model, identifier))
     except DimseError as exc:
         raise dimse_failure(exc, where, "a C-FIND") from None
     for code, found in responses:
@@ -96,7 +97,7 @@ def find_matches(assoc: Association, identifier: Dataset, where: str,
             return matches, True
         else:
             raise RetrieveError(
-                ErrorKind.QUERY, f"{where} answered a {identifier.QueryRetrieveLevel}-level "
+                ErrorKind.QUERY, f"{where} answered a {identifier.get('QueryRetrieveLevel', 'worklist')}-level "
                 f"C-FIND with failure status 0x{code:04X}"
             )
     return matches, False
