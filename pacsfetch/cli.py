@@ -330,7 +330,7 @@ def status(job_id: str, api_url: str, watch: bool) -> None:
 @click.argument("source")
 def echo(source: str) -> None:
     """C-ECHO a configured source from this machine."""
-    from pacsfetch.plugins.dimse import echo as dicom_echo
+    from pacsfetch.plugins.dimse.legacy import echo as dicom_echo
 
     config = _load()
     if source not in config.sources:

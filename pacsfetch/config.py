@@ -187,6 +187,15 @@ class SourceConfig(_Section):
             raise ValueError("dicomweb_username and dicomweb_password_env go together")
         return self
 
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        # A URL is shown by GET /sources and quoted in job errors: a secret in it leaks.
+        if value is not None and (value.username or value.password):
+            raise ValueError("must not embed credentials (user:password@): set "
+                             "dicomweb_username with dicomweb_password_env, or dicomweb_token_env")
+        return value
+
     @field_validator("transports")
     @classmethod
     def _no_duplicates(cls, value: list[str]) -> list[str]:

@@ -33,7 +33,7 @@ from pacsfetch.models import Level, Progress
 from pacsfetch.moves import MoveBook, MoveExpectation
 from pacsfetch.plugins.contracts import InstanceIdentity, StoreSession
 from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
-from pacsfetch.plugins.dimse import STORE_STATUS
+from pacsfetch.plugins.dimse.legacy import STORE_STATUS
 from pacsfetch.plugins.dulpace import pace
 from pacsfetch.plugins.registry import Registry
 from pacsfetch.workers import lifecycle

@@ -21,7 +21,7 @@ from pacsfetch.errors import RetrieveError
 from pacsfetch.jobstore import JobNotFound, JobStore, encode_notes
 from pacsfetch.metrics import JOB_RETRIES, JOBS_IN_FLIGHT
 from pacsfetch.models import BULK_ORIGINS, FINAL_STATUSES, JobStatus
-from pacsfetch.plugins.dimse import echo as dicom_echo
+from pacsfetch.plugins.dimse.legacy import echo as dicom_echo
 from pacsfetch.plugins.find import find_studies as dicom_find_studies
 from pacsfetch.queue import ECHO_TASK, FIND_STUDIES_TASK, QUEUE, RETRIEVE_TASK, redis_priority
 from pacsfetch.studyquery import StudyQuery

@@ -30,7 +30,7 @@ from pacsfetch.plugins.contracts import (
     RetrieveResult,
     Transport,
 )
-from pacsfetch.plugins.dimse import (
+from pacsfetch.plugins.dimse.legacy import (
     PENDING,
     SubOperations,
     associate,
