@@ -231,3 +231,25 @@ def test_redis_keeps_an_append_only_file_on_a_volume() -> None:
     args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--appendonly") + 1] == "yes"
     assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "redis-data"
+
+
+def test_image_is_multi_stage_non_root_with_one_entry_point() -> None:
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM\s", dockerfile, re.M)
+    assert len(stages) >= 2
+    assert re.search(r"^USER 10001:10001$", dockerfile, re.M)
+    assert 'ENTRYPOINT ["pacsfetch"]' in dockerfile
+    values = _values()
+    assert values["podSecurityContext"]["runAsUser"] == 10001  # the image's user
+
+
+def test_compose_stack_runs_every_process_on_one_config_pacsfetch_accepts() -> None:
+    compose = yaml.safe_load((ROOT / "docker" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"redis", "orthanc", "api", "worker", "receiver", "prometheus",
+            "grafana"} <= set(services)
+    config = parse_config(tomllib.loads(
+        (ROOT / "docker" / "compose" / "pacsfetch.toml").read_text()))
+    assert services["worker"]["command"][0] == "worker"
+    grace = int(services["worker"]["stop_grace_period"].rstrip("s"))
+    assert grace > config.worker.drain_seconds
