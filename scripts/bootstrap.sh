@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(orthanc orthanc-dicomweb dcmtk redis-server procps prometheus)
+packages=(orthanc orthanc-dicomweb dcmtk redis-server procps prometheus iproute2 iptables)
 python3 -m venv --help >/dev/null 2>&1 && python3 -c "import ensurepip" 2>/dev/null || packages+=(python3-venv)
 missing=()
 for pkg in "${packages[@]}"; do

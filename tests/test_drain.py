@@ -140,6 +140,25 @@ def test_sigterm_mid_c_get_hands_the_job_to_another_worker(
     _sigterm_mid_job(settings, start_worker, "slow-get", thousand, tmp_path / "store")
 
 
+def test_sigterm_lets_a_job_that_finishes_within_drain_seconds_finish(
+    settings: dict[str, Any], start_worker: Callable[..., WorkerProcess],
+    thousand: SampleStudy, tmp_path: Path,
+) -> None:
+    settings["worker"]["drain_seconds"] = 600
+    client = TestClient(create_app(parse_config(settings)))
+    worker = start_worker(settings)
+    job_id = client.post("/jobs", json={"source": "slow-get", "study_uid": thousand.study_uid,
+                                        "store": "local"}).json()["id"]
+    wait_for(lambda: _job(client, job_id)["progress"]["completed"] >= 50, 120, 0.05,
+             "the job to store its first 50 instances")
+    worker.proc.send_signal(signal.SIGTERM)
+    assert worker.proc.wait(600) == 0
+    job = _job(client, job_id)
+    assert job["status"] == "succeeded", job
+    assert job["attempts"] == 1 and job["progress"]["completed"] == N
+    assert len(_files(tmp_path / "store")) == N
+
+
 @pytest.fixture
 def receiver(settings: dict[str, Any], tmp_path: Path) -> Iterator[ReceiverProcess]:
     process = ReceiverProcess(write_toml(settings, tmp_path / "receiver.toml"),
