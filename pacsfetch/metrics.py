@@ -137,6 +137,15 @@ ASSOCIATION_SLOT_WAIT = Histogram(
     ["source"], buckets=QUEUED_BUCKETS,
 )
 
+# --- move receiver: trust ---------------------------------------------------------------
+RECEIVER_REFUSALS = Counter(
+    "pacsfetch_receiver_refusals",
+    "Associations and instances the move receiver refused, by reason (see "
+    "pacsfetch.workers.receiver_policy.Refusal: unknown-address, busy, idle, wrong-peer, "
+    "not-planned, conflicting-copy).",
+    ["reason"],
+)
+
 
 class InstanceMeter:
     """The instance counters of one job attempt with one transport, labels bound once.
@@ -173,6 +182,7 @@ _DEFINED = (
     JOB_QUEUED, JOBS_IN_FLIGHT, INSTANCES_RECEIVED, RECEIVED_BYTES, INSTANCES_STORED,
     STORED_BYTES, INSTANCE_FAILURES, ASSOCIATIONS_OPENED, ASSOCIATIONS_OPEN,
     ASSOCIATION_THROUGHPUT, ASSOCIATION_SLOT_WAITING, ASSOCIATION_SLOT_WAIT,
+    RECEIVER_REFUSALS,
 )
 
 
