@@ -249,6 +249,12 @@ class WorkerConfig(_Section):
         30, ge=5, description="A running job's lease; a redelivered job waits for it to lapse."
     )
     progress_interval: float = Field(0.5, gt=0, description="Seconds between progress updates.")
+    drain_seconds: int = Field(
+        60, ge=1, le=3600,
+        description="After SIGTERM, seconds a worker may finish its running job before it "
+        "hands the job back to the queue, and the receiver its open associations; the pod's "
+        "terminationGracePeriodSeconds must exceed it.",
+    )
     redis_outage_seconds: float = Field(
         60.0, ge=0, description="How long a running job rides out Redis (broker and job "
         "state) not answering before it gives up.",

@@ -132,4 +132,8 @@ class Scheduler:
 
 def build_duties(config: Config) -> list[Duty]:
     """Every duty of the fleet; features add theirs here (migrations, prefetch, worklists)."""
-    return []
+    from pacsfetch.workers.migrate import migration_duty  # imports the plugins: only here
+
+    duties: list[Duty] = []
+    duties.append(migration_duty(config))
+    return duties
