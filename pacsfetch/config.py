@@ -257,6 +257,10 @@ class WorkerConfig(_Section):
         "hands the job back to the queue, and the receiver its open associations; the pod's "
         "terminationGracePeriodSeconds must exceed it.",
     )
+    redis_outage_seconds: float = Field(
+        60.0, ge=0, description="How long a running job rides out Redis (broker and job "
+        "state) not answering before it gives up.",
+    )
 
 
 class MetricsConfig(_Section):
@@ -289,6 +293,18 @@ class ReceiverConfig(_Section):
     tls: TlsConfig | None = Field(
         None, description="Serve DICOM TLS: cert_file and key_file required; ca_file "
         "demands client certificates signed by it.",
+    )
+    # Room for the PACS: what one idle or abusive peer may hold (see workers/receiver_policy).
+    idle_timeout: float = Field(
+        60.0, gt=0, description="Seconds an association may go without receiving data-set "
+        "bytes (C-ECHOs do not count) before the receiver aborts it.",
+    )
+    max_associations: int = Field(
+        64, ge=1, le=1024, description="Associations the receiver serves at once, in all.",
+    )
+    max_associations_per_address: int = Field(
+        16, ge=1, description="Associations one network address may hold at once, so a "
+        "misbehaving peer leaves room for the PACS.",
     )
 
     @field_validator("tls")

@@ -160,6 +160,15 @@ PREFETCH_LEAD_TIME = Histogram(
     buckets=LEAD_TIME_BUCKETS,
 )
 
+# --- move receiver: trust ---------------------------------------------------------------
+RECEIVER_REFUSALS = Counter(
+    "pacsfetch_receiver_refusals",
+    "Associations and instances the move receiver refused, by reason (see "
+    "pacsfetch.workers.receiver_policy.Refusal: unknown-address, busy, idle, wrong-peer, "
+    "not-planned, conflicting-copy).",
+    ["reason"],
+)
+
 
 class InstanceMeter:
     """The instance counters of one job attempt with one transport, labels bound once.
@@ -197,6 +206,7 @@ _DEFINED = (
     STORED_BYTES, INSTANCE_FAILURES, ASSOCIATIONS_OPENED, ASSOCIATIONS_OPEN,
     ASSOCIATION_THROUGHPUT, ASSOCIATION_SLOT_WAITING, ASSOCIATION_SLOT_WAIT,
     PREFETCH_REQUESTS, PREFETCH_PRIORS, PREFETCH_LEAD_TIME,
+    RECEIVER_REFUSALS,
 )
 
 

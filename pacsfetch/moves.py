@@ -13,6 +13,9 @@ Layout (``P`` is the key prefix, ``pacsfetch`` by default):
   the job store, so the receiver records instances there too), ``bytes``, ``m:ID`` fields
   for the C-MOVE message IDs; expires unless the worker keeps refreshing it;
 - ``P:move:JOB:received`` list of ``SOP Instance UID <TAB> locations`` the receiver stored;
+- ``P:move:JOB:plan`` set of what the job may receive: ``i:UID`` planned instances, ``s:UID``
+  series moved whole (the PACS listed them only in part); absent: the request's scope;
+- ``r:REASON`` fields of ``P:move:JOB``: how many instances the receiver refused, and why;
 - ``P:moves:active`` set of job ids with an expectation (pruned of expired ones on read);
 - ``P:moves:msgid`` counter that makes message IDs unique across workers sharing an AE title.
 """
@@ -39,6 +42,26 @@ redis.call('PEXPIRE', KEYS[2], ARGV[2])
 return 1
 """
 
+# Count a refusal only while the expectation exists (no key without expiry is left behind).
+_REFUSE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+"""
+REFUSAL_FIELD = "r:"
+PLAN_CHUNK = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """What a job's C-MOVEs may bring: the instances its C-FIND listed, and the series the
+    PACS listed only in part (capped answers), which are moved whole."""
+
+    instances: frozenset[str]
+    whole_series: frozenset[str] = frozenset()
+
+    def allows(self, sop_instance_uid: str, series_uid: str) -> bool:
+        return sop_instance_uid in self.instances or series_uid in self.whole_series
+
 
 @dataclass(frozen=True, slots=True)
 class MoveExpectation:
@@ -58,6 +81,7 @@ class MoveBook:
         self._r = client
         self._p = prefix
         self._record = client.register_script(_RECORD)
+        self._refuse = client.register_script(_REFUSE)
         self.jobs = JobStore(client, prefix)
 
     @classmethod
@@ -70,6 +94,9 @@ class MoveBook:
     def _received(self, job_id: str) -> str:
         return f"{self._p}:move:{job_id}:received"
 
+    def _plan(self, job_id: str) -> str:
+        return f"{self._p}:move:{job_id}:plan"
+
     @property
     def _active(self) -> str:
         return f"{self._p}:moves:active"
@@ -79,11 +106,20 @@ class MoveBook:
         """A C-MOVE Message ID (1-65535) no other worker is using right now."""
         return int(self._r.incr(f"{self._p}:moves:msgid")) % 65535 + 1
 
-    def expect(self, job_id: str, request: JobRequest, originator_ae: str, ttl: float) -> None:
-        """Register (or refresh) the job's expectation; it lapses after *ttl* seconds."""
+    def expect(self, job_id: str, request: JobRequest, originator_ae: str, ttl: float,
+               plan: Plan | None = None) -> None:
+        """Register (or refresh) the job's expectation; it lapses after *ttl* seconds.
+
+        With a *plan*, the receiver accepts only the instances it allows."""
         persisted = self.jobs.exists(job_id)
         pipe = self._r.pipeline(transaction=True)
-        pipe.delete(self._received(job_id))
+        pipe.delete(self._received(job_id), self._plan(job_id))
+        if plan is not None:
+            members = [f"i:{uid}" for uid in plan.instances] + [
+                f"s:{uid}" for uid in plan.whole_series]
+            for start in range(0, len(members), PLAN_CHUNK):
+                pipe.sadd(self._plan(job_id), *members[start:start + PLAN_CHUNK])
+            pipe.pexpire(self._plan(job_id), int(ttl * 1000))
         pipe.hset(self._move(job_id), mapping={
             "request": request.model_dump_json(), "originator": originator_ae,
             "persisted": "1" if persisted else "0", "bytes": 0,
@@ -97,10 +133,20 @@ class MoveBook:
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(self._move(job_id), f"{MESSAGE_ID_FIELD}{message_id}", 1)
         pipe.pexpire(self._move(job_id), int(ttl * 1000))
+        pipe.pexpire(self._plan(job_id), int(ttl * 1000))
         pipe.execute()
 
     def touch(self, job_id: str, ttl: float) -> None:
-        self._r.pexpire(self._move(job_id), int(ttl * 1000))
+        pipe = self._r.pipeline(transaction=False)
+        pipe.pexpire(self._move(job_id), int(ttl * 1000))
+        pipe.pexpire(self._plan(job_id), int(ttl * 1000))
+        pipe.execute()
+
+    def refusals(self, job_id: str) -> dict[str, int]:
+        """How many instances the receiver refused for the job, by reason."""
+        return {key[len(REFUSAL_FIELD):]: int(value)
+                for key, value in self._r.hgetall(self._move(job_id)).items()
+                if key.startswith(REFUSAL_FIELD)}
 
     def received_since(self, job_id: str, offset: int) -> tuple[list[tuple[str, str]], int]:
         """Instances the receiver stored for the job from position *offset* on, and its byte total."""
@@ -114,7 +160,7 @@ class MoveBook:
     def withdraw(self, job_id: str) -> None:
         """The job no longer waits: the receiver refuses whatever still comes for it."""
         pipe = self._r.pipeline(transaction=True)
-        pipe.delete(self._move(job_id), self._received(job_id))
+        pipe.delete(self._move(job_id), self._received(job_id), self._plan(job_id))
         pipe.srem(self._active, job_id)
         pipe.execute()
 
@@ -141,6 +187,18 @@ class MoveBook:
         if lapsed:
             self._r.srem(self._active, *lapsed)
         return found
+
+    def plan_of(self, job_id: str) -> Plan | None:
+        """The job's plan, or None when it registered none (its request's scope applies)."""
+        members = self._r.smembers(self._plan(job_id))
+        if not members:
+            return None
+        return Plan(frozenset(m[2:] for m in members if m.startswith("i:")),
+                    frozenset(m[2:] for m in members if m.startswith("s:")))
+
+    def refuse(self, job_id: str, reason: str) -> None:
+        """Count an instance refused for the job (the worker reports it with the job)."""
+        self._refuse(keys=[self._move(job_id)], args=[f"{REFUSAL_FIELD}{reason}"])
 
     def record_received(self, expectation: MoveExpectation, locations: Mapping[str, str],
                         nbytes: int, ttl: float) -> bool:

@@ -106,6 +106,15 @@ class MoveTracker(Protocol):
         """A Message ID no other worker uses at the moment (they may share an AE title)."""
         ...
 
+    def plan(self, instances: frozenset[str], whole_series: frozenset[str]) -> None:
+        """What the C-MOVEs may bring (call before :meth:`expect`): the receiver refuses any
+        other instance, except those of *whole_series*, which the PACS listed only in part."""
+        ...
+
+    def refused(self) -> dict[str, int]:
+        """How many instances the receiver refused for this attempt, by reason."""
+        ...
+
     def collect(self) -> int:
         """Count into the job what the receiver stored so far; returns how many this attempt.
 
@@ -159,6 +168,9 @@ class RetrieveResult:
     problem_kind: str | None = None
     peer_failed: int = 0
     cancelled: bool = False
+    retry: bool = False
+    """The PACS stopped part-way for a reason that may pass: retry (resuming) when the
+    job's retries allow, else end with what arrived."""
 
 
 @runtime_checkable

@@ -14,7 +14,7 @@ import redis
 
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import JobRequest
-from pacsfetch.moves import MoveBook
+from pacsfetch.moves import MoveBook, Plan
 from pacsfetch.workers.pipeline import InstancePipeline
 
 MIN_EXPECTATION_TTL = 60.0
@@ -37,14 +37,25 @@ class RedisMoveTracker:
         self._offset = 0
         self._bytes = 0
         self._next_collect = 0.0
+        self._plan: Plan | None = None
+        self._refusals: dict[str, int] = {}
 
     def next_message_id(self) -> int:
         return self._book.next_message_id()
 
+    def plan(self, instances: frozenset[str], whole_series: frozenset[str]) -> None:
+        self._plan = Plan(instances, whole_series)
+
+    def refused(self) -> dict[str, int]:
+        if self._registered:
+            self._refusals = self._book.refusals(self._job_id)
+        return dict(self._refusals)
+
     def expect(self, originator_ae: str, message_id: int) -> None:
         try:
             if not self._registered:
-                self._book.expect(self._job_id, self._request, originator_ae, self._ttl)
+                self._book.expect(self._job_id, self._request, originator_ae, self._ttl,
+                                  self._plan)
                 self._registered = True
             self._book.add_message_id(self._job_id, message_id, self._ttl)
         except redis.RedisError as exc:
@@ -74,5 +85,6 @@ class RedisMoveTracker:
     def withdraw(self) -> None:
         if self._registered:
             self.collect_now()
+            self._refusals = self._book.refusals(self._job_id)
             self._book.withdraw(self._job_id)
             self._registered = False

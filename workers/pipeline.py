@@ -22,6 +22,7 @@ from pacsfetch.metrics import NO_TRANSPORT, InstanceMeter
 from pacsfetch.models import JobRequest, Level, Progress
 from pacsfetch.plugins.contracts import IncomingInstance, InstanceIdentity, StoreSession, Verdict
 from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
+from pacsfetch.workers.receiver_policy import content_digest
 from pacsfetch.workers.state import JobState
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ class InstancePipeline:
         hooks: pluggy.HookRelay,
         spool_dir: Path,
         progress_interval: float,
+        digests: dict[str, str] | None = None,
     ) -> None:
+        """*digests* (the move receiver's, shared by a job's associations): content digests
+        of what was stored, so a second copy with different content is refused, not kept."""
         self._job_id = job_id
         self._request = request
         self._sop_scope = frozenset(request.sop_uids)
@@ -63,6 +67,8 @@ class InstancePipeline:
         self.invalid = 0
         self.duplicates = 0
         self.store_failures = 0
+        self.conflicts = 0
+        self._digests = digests
         self.last_store_error: str | None = None
         self.failed_stores: set[str] = set()
         self._meter: InstanceMeter | None = None
@@ -116,6 +122,18 @@ class InstancePipeline:
             self.refused += 1
             log.warning("refused an instance the job did not ask for", extra={"job_id": self._job_id})
             return Verdict.OUT_OF_SCOPE
+        digest = None
+        if self._digests is not None:
+            digest = content_digest(path)
+            known = self._digests.get(identity.sop_instance_uid)
+            if known is not None and known != digest:
+                self.conflicts += 1
+                log.warning("refused a second copy of an instance with different content; the "
+                            "first copy is kept", extra={"job_id": self._job_id})
+                return Verdict.INVALID
+            if known is not None:
+                self.duplicates += 1
+                return Verdict.DUPLICATE
         if identity.sop_instance_uid in self.stored:
             self.duplicates += 1
             return Verdict.DUPLICATE
@@ -123,6 +141,8 @@ class InstancePipeline:
         locations = self._store(instance)
         if locations is None:
             return Verdict.STORE_FAILED
+        if self._digests is not None and digest is not None:
+            self._digests[identity.sop_instance_uid] = digest
         encoded = json.dumps(locations, separators=(",", ":"))
         self.stored[identity.sop_instance_uid] = encoded
         self._unrecorded[identity.sop_instance_uid] = encoded
@@ -226,4 +246,8 @@ class InstancePipeline:
         if self.invalid:
             found.append((ErrorKind.PEER_STATUS, f"the PACS sent {self.invalid} unreadable or "
                           "inconsistent instance(s); they were refused"))
+        if self.conflicts:
+            found.append((ErrorKind.PEER_STATUS, f"{self.conflicts} second copies of instances "
+                          "already stored had different content; they were refused, the first "
+                          "copies kept"))
         return found

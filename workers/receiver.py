@@ -30,7 +30,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from pacsfetch.config import Config
 from pacsfetch.metrics import INSTANCE_FAILURES
 from pacsfetch.models import Level, Progress
-from pacsfetch.moves import MoveBook, MoveExpectation
+from pacsfetch.moves import MoveBook, MoveExpectation, Plan
 from pacsfetch.plugins.contracts import InstanceIdentity, StoreSession
 from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
 from pacsfetch.plugins.dimse.legacy import STORE_STATUS
@@ -39,6 +39,7 @@ from pacsfetch.plugins.registry import Registry
 from pacsfetch.workers import lifecycle
 from pacsfetch.workers.moves import MIN_EXPECTATION_TTL
 from pacsfetch.workers.pipeline import InstancePipeline
+from pacsfetch.workers.receiver_policy import ReceiverPolicy, Refusal, count_refusal
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +108,14 @@ class _Expectations:
                 self._read_at = time.monotonic()
             return self._items
 
-    def still_active(self, job_id: str) -> bool:
-        """Re-read the expectations: is *job_id* still waiting? (once per association and job)"""
-        return any(item.job_id == job_id for item in self._refresh(force=True))
+    def current(self) -> list[MoveExpectation]:
+        """The expectations as last read (no Redis round trip)."""
+        return list(self._items)
 
     def match(self, originator_ae: str | None, message_id: int | None,
-              identity: InstanceIdentity) -> MoveExpectation | None:
-        for force in (False, True):
+              identity: InstanceIdentity, fresh: bool = False) -> MoveExpectation | None:
+        """The job that claims the instance; *fresh*: re-read the expectations first."""
+        for force in ((True,) if fresh else (False, True)):
             found = _match(self._refresh(force), originator_ae, message_id, identity)
             if found is not None:
                 return found
@@ -150,6 +152,9 @@ class _AssociationJobs:
 
     pipelines: dict[str, InstancePipeline] = field(default_factory=dict)
     sessions: list[StoreSession] = field(default_factory=list)
+    plans: dict[str, Plan | None] = field(default_factory=dict)
+    last_data: float = field(default_factory=time.monotonic)
+    """When data-set bytes last arrived (C-ECHOs do not count): idle associations end."""
 
 
 @dataclass
@@ -175,6 +180,12 @@ class MoveReceiver:
         self.book = book
         self.stats = ReceiverStats()
         self._expectations = _Expectations(book)
+        self.policy = ReceiverPolicy(config)
+        self._digests: dict[str, dict[str, str]] = {}
+        """Per job: SOP Instance UID -> content digest of the copy this receiver stored."""
+        self._admitted: dict[str, list[object]] = {}
+        """Per peer address: the sockets admitted (closed ones are pruned when counting)."""
+        self._reaper = threading.Event()
         self._associations: dict[int, _AssociationJobs] = {}
         self._lock = threading.Lock()
         self._spool = tempfile.TemporaryDirectory(prefix="pacsfetch-receiver-")
@@ -188,7 +199,7 @@ class MoveReceiver:
         ae.require_called_aet = False
         if settings.accept_from:
             ae.require_calling_aet = list(settings.accept_from)
-        ae.maximum_associations = 64
+        ae.maximum_associations = settings.max_associations
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
@@ -203,13 +214,17 @@ class MoveReceiver:
             evt_handlers=[(evt.EVT_C_STORE, self._on_c_store),
                           (evt.EVT_CONN_OPEN, self._on_open),
                           (evt.EVT_ACCEPTED, self._on_accepted),
-                          (evt.EVT_CONN_CLOSE, self._on_close)],
+                          (evt.EVT_CONN_CLOSE, self._on_close),
+                          (evt.EVT_PDU_RECV, self._on_pdu)],
         )
+        self._server.verify_request = self._admit  # refuse at once, before any DICOM is read
+        threading.Thread(target=self._reap_idle, name="receiver-idle", daemon=True).start()
         log.info("receiver listening", extra={
             "ae_title": settings.ae_title, "bind": settings.bind, "port": settings.port,
             "accept_from": list(settings.accept_from)})
 
     def stop(self) -> None:
+        self._reaper.set()
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -231,6 +246,46 @@ class MoveReceiver:
                 drain_seconds=self.config.worker.drain_seconds)
         finally:
             self.stop()
+
+    # admission and idleness (decisions in receiver_policy) ---------------------
+    def _admit(self, request: object, client_address: tuple[str, int] | str) -> bool:
+        address = client_address[0] if isinstance(client_address, tuple) else client_address
+        with self._lock:
+            for key in list(self._admitted):
+                live = [s for s in self._admitted[key] if s.fileno() != -1]  # type: ignore[attr-defined]
+                if live:
+                    self._admitted[key] = live
+                else:
+                    del self._admitted[key]
+            total = sum(len(socks) for socks in self._admitted.values())
+            refusal = self.policy.admit(address, len(self._admitted.get(address, ())), total)
+            if refusal is None:
+                self._admitted.setdefault(address, []).append(request)
+        if refusal is not None:
+            count_refusal(refusal, address=address)
+        return refusal is None
+
+    def _on_pdu(self, event: evt.Event) -> None:
+        pdvs = getattr(event.pdu, "presentation_data_value_items", ())
+        # Bit 0 of a PDV's message control header: 1 command, 0 data set (a C-ECHO has none).
+        if any(not pdv.presentation_data_value[0] & 1 for pdv in pdvs):
+            jobs = self._associations.get(id(event.assoc))
+            if jobs is not None:
+                jobs.last_data = time.monotonic()
+
+    def _reap_idle(self) -> None:
+        interval = min(1.0, self.config.receiver.idle_timeout / 4)
+        while not self._reaper.wait(interval):
+            server = self._server
+            if server is None:
+                continue
+            now = time.monotonic()
+            for assoc in server.active_associations:
+                jobs = self._associations.get(id(assoc))
+                if jobs is not None and self.policy.idle(jobs.last_data, now):
+                    count_refusal(Refusal.IDLE, address=assoc.requestor.address,
+                                  calling_ae=assoc.requestor.ae_title)
+                    assoc.abort()
 
     # events -------------------------------------------------------------------
     def _on_open(self, event: evt.Event) -> None:
@@ -263,63 +318,96 @@ class MoveReceiver:
         if spool_handle is not None:
             spool_handle.close()
         try:
-            pipeline = self._pipeline_for(event.assoc, request, path)
+            found = self._pipeline_for(event.assoc, request, path)
         except Exception:
             path.unlink(missing_ok=True)
             raise
-        if pipeline is None:
+        if found is None:
             path.unlink(missing_ok=True)
             self.stats.no_job += 1
             INSTANCE_FAILURES.labels(reason="no-job", transport="c-move", source="none").inc()
             return NO_JOB_STATUS
+        if isinstance(found, Refusal):
+            path.unlink(missing_ok=True)
+            return NO_JOB_STATUS
+        pipeline, job_id = found
+        conflicts = pipeline.conflicts
         verdict = pipeline.accept(path, sop_class_uid=str(request.AffectedSOPClassUID),
                                   sop_instance_uid=str(request.AffectedSOPInstanceUID))
+        if pipeline.conflicts > conflicts:
+            self._refuse(Refusal.CONFLICTING_COPY, job_id, event.assoc)
         self.stats.verdicts[verdict.value] = self.stats.verdicts.get(verdict.value, 0) + 1
         return STORE_STATUS[verdict]
 
+    def _refuse(self, reason: Refusal, job_id: str, assoc: Association) -> None:
+        count_refusal(reason, job_id=job_id, address=assoc.requestor.address,
+                      calling_ae=assoc.requestor.ae_title)
+        self.book.refuse(job_id, reason.value)
+
     def _pipeline_for(self, assoc: Association, request: object,
-                      path: Path) -> InstancePipeline | None:
+                      path: Path) -> tuple[InstancePipeline, str] | Refusal | None:
         originator = str(getattr(request, "MoveOriginatorApplicationEntityTitle", "") or "").strip()
         message_id = getattr(request, "MoveOriginatorMessageID", None)
         try:
             identity = read_identity(path)
         except UnreadableInstance:
             identity = None
-        if identity is None:
-            expectation = None
-        else:
+        with self._lock:
+            jobs = self._associations.setdefault(id(assoc), _AssociationJobs())
+        expectation = None
+        if identity is not None:
             expectation = self._expectations.match(originator or None, message_id, identity)
+            if expectation is not None and expectation.job_id not in jobs.pipelines:
+                # The first of this job on this association: match on a fresh view, as the
+                # cached one may hold a job that ended since and claimed the same study.
+                expectation = self._expectations.match(originator or None, message_id,
+                                                       identity, fresh=True)
         if expectation is None:
             log.warning("refused an instance that belongs to no running job", extra={
                 "calling_ae": assoc.requestor.ae_title, "by_originator": bool(originator)})
             return None
-        if expectation.request.store not in self.store_settings:
+        job_id = expectation.job_id
+        refusal = self.policy.sender_refusal(expectation.request.source, assoc.requestor.address,
+                                             assoc.requestor.ae_title)
+        if refusal is not None:
+            self._refuse(refusal, job_id, assoc)
+            return refusal
+        missing = [n for n in expectation.request.store_names if n not in self.store_settings]
+        if missing:
             log.error("refused an instance for a store this receiver's config lacks: give the "
                       "receiver the workers' configuration", extra={
-                          "job_id": expectation.job_id, "store": expectation.request.store})
+                          "job_id": job_id, "store": missing[0]})
             return None
-        with self._lock:
-            jobs = self._associations.setdefault(id(assoc), _AssociationJobs())
-        pipeline = jobs.pipelines.get(expectation.job_id)
+        pipeline = jobs.pipelines.get(job_id)
         if pipeline is None:
-            if not self._expectations.still_active(expectation.job_id):
-                log.warning("refused an instance for a job that stopped waiting",
-                            extra={"job_id": expectation.job_id})
-                return None
+            jobs.plans[job_id] = self.book.plan_of(job_id)
             pipeline = self._open_pipeline(expectation, jobs)
-        return pipeline
+        plan = jobs.plans[job_id]
+        assert identity is not None  # no expectation matches an unreadable instance
+        if plan is not None and not plan.allows(identity.sop_instance_uid, identity.series_uid):
+            self._refuse(Refusal.NOT_PLANNED, job_id, assoc)
+            return Refusal.NOT_PLANNED
+        return pipeline, job_id
 
     def _open_pipeline(self, expectation: MoveExpectation, jobs: _AssociationJobs) -> InstancePipeline:
-        store = expectation.request.store
-        backend = self.registry.store_backends[self.config.stores[store].plugin]
-        session = backend.open(store, self.store_settings[store], expectation.job_id)
-        jobs.sessions.append(session)
+        """The job's pipeline on this association, writing to every store the job names."""
+        sessions: dict[str, StoreSession] = {}
+        for store in expectation.request.store_names:
+            backend = self.registry.store_backends[self.config.stores[store].plugin]
+            sessions[store] = backend.open(store, self.store_settings[store], expectation.job_id)
+            jobs.sessions.append(sessions[store])
+        with self._lock:
+            active = {item.job_id for item in self._expectations.current()}
+            for job_id in [j for j in self._digests if j not in active]:
+                del self._digests[job_id]
+            digests = self._digests.setdefault(expectation.job_id, {})
         pipeline = InstancePipeline(
-            expectation.job_id, expectation.request, {store: session},
+            expectation.job_id, expectation.request, sessions,
             _MoveJobState(self.book, expectation), self.registry.hooks.hook,
-            Path(self._spool.name), self.config.worker.progress_interval,
+            Path(self._spool.name), self.config.worker.progress_interval, digests=digests,
         )
         pipeline.use_transport("c-move")
         jobs.pipelines[expectation.job_id] = pipeline
-        log.info("receiving for a job", extra={"job_id": expectation.job_id, "store": store})
+        log.info("receiving for a job", extra={"job_id": expectation.job_id,
+                                               "stores": list(sessions)})
         return pipeline

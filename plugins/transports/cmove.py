@@ -125,12 +125,17 @@ class CMoveTransport:
         inventory = found.refs
         expected = frozenset(r.sop_instance_uid for r in inventory)
         counters = SubOperations()
+        interrupted = False
         moves = ctx.moves
+        # The receiver accepts only what this plan allows (see workers/receiver_policy).
+        moves.plan(expected, found.capped_series if ctx.request.level is not Level.IMAGE
+                   else frozenset())
         try:
             assoc = associate(source, [build_context(MOVE_MODEL)], purpose="C-MOVE")
             try:
                 for identifier in move_identifiers(ctx, found):
-                    self._move(ctx, assoc, identifier, moves, counters, where, destination)
+                    interrupted |= self._move(ctx, assoc, identifier, moves, counters, where,
+                                              destination)
                     if counters.cancelled:
                         break
             finally:
@@ -140,17 +145,20 @@ class CMoveTransport:
         finally:
             moves.withdraw()
         self._explain(counters, received, where, destination)
+        self._report_refusals(counters, moves.refused(), destination)
         return RetrieveResult(
             expected=expected,
             problems=counters.problems,
             problem_kind=counters.problem_kind.value if counters.problem_kind else None,
             peer_failed=counters.failed,
             cancelled=counters.cancelled,
+            retry=interrupted,
         )
 
     def _move(self, ctx: RetrieveContext, assoc: Association, identifier: Dataset,
-              moves: MoveTracker, counters: SubOperations, where: str, destination: str) -> None:
-        """One C-MOVE: register it with the receiver, follow its responses."""
+              moves: MoveTracker, counters: SubOperations, where: str, destination: str) -> bool:
+        """One C-MOVE: register it with the receiver, follow its responses; True when the
+        PACS failed it after part of it arrived (a retry resumes)."""
         msg_id = moves.next_message_id()
         moves.expect(ctx.source.calling_ae_title, msg_id)
         base = (counters.completed, counters.failed, counters.warning)
@@ -158,6 +166,7 @@ class CMoveTransport:
         final_code: int | None = None
         status: Dataset | None = None
         seen = base[0]
+        received_before = moves.collect_now()
         quiet_reactor(assoc)
         for status, _ in assoc.send_c_move(identifier, destination, MOVE_MODEL, msg_id=msg_id):
             code = getattr(status, "Status", None)
@@ -188,7 +197,8 @@ class CMoveTransport:
             )
         if final_code == 0xFE00 or cancel_sent:
             counters.cancelled = True
-        elif final_code not in (0x0000, 0xB000) and not delivered:
+        elif final_code not in (0x0000, 0xB000) and not delivered and not (
+                arrived := moves.collect_now() - received_before):
             # Many PACS (Orthanc among them) answer an unknown destination and a refused
             # connection back with the same generic failure: name both causes.
             comment = status.get("ErrorComment") if status is not None else None
@@ -202,10 +212,18 @@ class CMoveTransport:
                 "or DICOMweb avoid the connection back.",
             )
         elif final_code not in (0x0000, 0xB000):
+            # The PACS's failure answer may lack sub-operation counts (Orthanc's does): then
+            # the receiver's records of this job say that part of the study arrived.
+            comment = status.get("ErrorComment") if status is not None else None
+            arrived = delivered or arrived
             counters.problem(
                 ErrorKind.PEER_STATUS,
-                f"{where} ended a C-MOVE with status 0x{final_code:04X}{status_hint(final_code)}.",
+                f"{where} ended a C-MOVE with status 0x{final_code:04X}{status_hint(final_code)}"
+                f"{f' ({comment})' if comment else ''} after {arrived} instance(s) of it "
+                "arrived: the PACS stopped part-way; a retry resumes.",
             )
+            return True
+        return False
 
     @staticmethod
     def _settle(moves: MoveTracker, counters: SubOperations, timeout: float) -> int:
@@ -217,6 +235,17 @@ class CMoveTransport:
             time.sleep(SETTLE_POLL)
             received = moves.collect_now()
         return received
+
+    @staticmethod
+    def _report_refusals(counters: SubOperations, refused: dict[str, int],
+                         destination: str) -> None:
+        """Name what the receiver refused for this job: a peer other than the source
+        delivering, unplanned instances, second copies with different content."""
+        if refused:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(refused.items()))
+            counters.problem(ErrorKind.PEER_STATUS, (
+                f"the receiver ({destination!r}) refused {sum(refused.values())} instance(s) "
+                f"for this job ({reasons}); see its log and pacsfetch_receiver_refusals_total"))
 
     @staticmethod
     def _explain(counters: SubOperations, received: int, where: str, destination: str) -> None:
