@@ -226,6 +226,39 @@ class ApiConfig(_Section):
     query_timeout: float = Field(
         60.0, gt=0, description="Seconds the API waits for a worker to answer a C-FIND query."
     )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024,
+        description="Largest request body; a longer one is answered 413 without being read "
+        "(a full batch, 1,000 jobs with 100,000 SOP UIDs, is under 8 MiB).",
+    )
+    tokens_file: Path | None = Field(
+        None, description="File of named, hashed API tokens with their scopes (`pacsfetch "
+        "token add`); read at start.",
+    )
+
+    @field_validator("tokens_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+
+class JobsConfig(_Section):
+    """How long job records live."""
+
+    retention_days: float = Field(
+        30, gt=0, description="Days a finished job (with its instance list) is kept in Redis.",
+    )
+
+
+class AuditConfig(_Section):
+    """The audit trail of who retrieved what (IHE ATNA in spirit): JSON lines, appended."""
+
+    path: Path | None = Field(
+        None, description="File each API and worker process appends audit events to; "
+        "unset: no audit trail.",
+    )
 
 
 class WorkerConfig(_Section):
@@ -289,6 +322,8 @@ class Config(_Section):
     worker: WorkerConfig = WorkerConfig()
     metrics: MetricsConfig = MetricsConfig()
     receiver: ReceiverConfig = ReceiverConfig()
+    jobs: JobsConfig = JobsConfig()
+    audit: AuditConfig = AuditConfig()
     path: Path | None = Field(None, exclude=True, description="Where it was loaded from.")
 
 

@@ -166,3 +166,7 @@ class JobRecord(BaseModel):
         "api", description="What created the job: `api` (a caller), or a feature such as "
         "`migration` or `prefetch` (whose work is scheduled by priority and windows).",
     )
+    created_by: str | None = Field(
+        None, description="Who created the job: the API token's name, or the service's "
+        "(`hl7-listener`, `scheduler`); `anonymous` while the API needs no token.",
+    )

@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from pacsfetch.uids import check_uid
 
-_DATE_RANGE = re.compile(r"^(\d{8})?(-)?(\d{8})?$")
+_DATE_RANGE = re.compile(r"(\d{8})?(-)?(\d{8})?")  # fullmatch: "$" passes a final newline
 _EARLIEST = date(1900, 1, 1)
 
 
@@ -29,7 +29,7 @@ def _day(text: str) -> date:
 
 def date_bounds(value: str) -> tuple[date | None, date | None]:
     """``YYYYMMDD``, ``YYYYMMDD-``, ``-YYYYMMDD`` or ``YYYYMMDD-YYYYMMDD`` as (first, last)."""
-    match = _DATE_RANGE.match(value)
+    match = _DATE_RANGE.fullmatch(value)
     if not value or not match or value == "-":
         raise ValueError("must be YYYYMMDD, YYYYMMDD-, -YYYYMMDD or YYYYMMDD-YYYYMMDD")
     start, dash, end = match.groups()

@@ -23,9 +23,11 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import redis
 
+from pacsfetch import retention
 from pacsfetch.config import Config
 
 log = logging.getLogger(__name__)
@@ -132,4 +134,6 @@ class Scheduler:
 
 def build_duties(config: Config) -> list[Duty]:
     """Every duty of the fleet; features add theirs here (migrations, prefetch, worklists)."""
-    return []
+    return [
+        Duty("retention", retention.SWEEP_INTERVAL, partial(retention.sweep, config)),
+    ]
