@@ -112,13 +112,16 @@ def list_jobs(store: StoreDep,
     return JobPage(items=items, total=total, offset=offset, limit=limit)
 
 
-@router.get("/{job_id}", response_model=JobRecord)
+_NOT_FOUND = {404: {"description": "No job with that id (or it expired: `[jobs] retention_days`)."}}
+
+
+@router.get("/{job_id}", response_model=JobRecord, responses=_NOT_FOUND)
 def get_job(job_id: str, store: StoreDep) -> JobRecord:
     """A job with its status, progress counters, timestamps, transport and error."""
     return _job(store, job_id)
 
 
-@router.get("/{job_id}/instances", response_model=InstancePage)
+@router.get("/{job_id}/instances", response_model=InstancePage, responses=_NOT_FOUND)
 def job_instances(job_id: str, store: StoreDep,
                   cursor: Annotated[int, Query(ge=0, le=MAX_CURSOR)] = 0,
                   limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> InstancePage:
@@ -134,7 +137,7 @@ def _locations(raw: str) -> dict[str, str]:
 
 
 @router.delete("/{job_id}", response_model=JobRecord,
-               responses={409: {"description": "The job already finished."}})
+               responses={**_NOT_FOUND, 409: {"description": "The job already finished."}})
 def cancel_job(job_id: str, store: StoreDep, config: ConfigDep, caller: CallerDep) -> JobRecord:
     """Cancel: a queued job at once; a running one is stopped with C-CANCEL by its worker."""
     job = _job(store, job_id)

@@ -35,6 +35,8 @@ def test_wire_and_query_values_with_a_final_newline_are_refused() -> None:
         StudyQuery(StudyDate="20240101\n")
     with pytest.raises(ValueError):
         StudyQuery(StudyInstanceUID=STUDY + "\n")
+    with pytest.raises(ValueError):  # digits of another script are not a DICOM date
+        StudyQuery(StudyDate="\u0662\u0660\u0662\u0664\u0660\u0661\u0660\u0661")
 
 
 @pytest.mark.parametrize("body", [
