@@ -11,12 +11,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from pacsfetch import __version__
-from pacsfetch.api import errors, jobs, metrics, sources
+from pacsfetch.api import errors, jobs, metrics, migrations, sources
 from pacsfetch.api.auth import Gatekeeper, authorize
 from pacsfetch.api.schemas import Health
 from pacsfetch.api.submit import GroupCommit
 from pacsfetch.config import Config, ConfigError, load_config
 from pacsfetch.jobstore import JobStore
+from pacsfetch.migrations import MigrationStore
 from pacsfetch.queue import make_celery
 from pacsfetch.tokens import TOKEN_ENV, TOKENS_ENV, TokenError, load_tokens
 
@@ -65,10 +66,12 @@ def create_app(config: Config | None = None) -> FastAPI:
                                            retention_days=config.jobs.retention_days)
     app.state.celery = make_celery(config)
     app.state.submitter = GroupCommit(app.state.jobstore, app.state.celery)
+    app.state.migrations = MigrationStore.from_url(config.broker.url)
     app.state.metrics = metrics.build_registry(config.broker.url, app.state.jobstore)
     protected = [Depends(authorize)]
     app.include_router(jobs.router, dependencies=protected, responses=ANSWERS)
     app.include_router(sources.router, dependencies=protected, responses=ANSWERS)
+    app.include_router(migrations.router, dependencies=protected, responses=ANSWERS)
     app.include_router(metrics.router)  # no token, like /healthz: see api/metrics.py
 
     @app.get("/healthz", response_model=Health, tags=["health"],

@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 import click
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as Bar
 
@@ -159,6 +160,11 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None) -> None
         serve_worker_metrics(config.metrics)
     except ConfigError as exc:
         _fail(f"configuration error: {exc}")
+    from pacsfetch import health
+    from pacsfetch.workers import lifecycle
+
+    health.expect("worker")
+    health.watch(config.broker.url, lifecycle.draining)
 
     app.worker_main([
         "worker", f"--concurrency={concurrency or config.worker.concurrency}",
@@ -171,12 +177,12 @@ def worker(concurrency: int | None, loglevel: str, hostname: str | None) -> None
 @main.command()
 def receiver() -> None:
     """Run the C-MOVE destination: a storage SCP on [receiver] port, shared by all workers."""
-    import signal
-
+    from pacsfetch import health
     from pacsfetch.logs import configure_logging
     from pacsfetch.metrics import serve_receiver_metrics
     from pacsfetch.moves import MoveBook
     from pacsfetch.plugins.registry import get_registry
+    from pacsfetch.workers import lifecycle
     from pacsfetch.workers.receiver import MoveReceiver
 
     config = _load()
@@ -187,7 +193,8 @@ def receiver() -> None:
         serve_receiver_metrics(config.metrics)
     except ConfigError as exc:
         _fail(f"configuration error in {exc}")
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    health.watch(config.broker.url, lifecycle.draining)
+    lifecycle.install_sigterm()  # SIGTERM drains: see pacsfetch.workers.lifecycle
     try:
         MoveReceiver(config, registry, settings, MoveBook.from_url(config.broker.url)).serve_forever()
     except KeyboardInterrupt:
@@ -244,6 +251,9 @@ def retrieve(**options: Any) -> None:
         except RetrieveError as exc:
             _fail(str(exc), 1)
         _advance(bar, task, outcome.progress, final=True)
+    for note in outcome.transport_notes:  # why `auto` moved on (NAT, refused contexts...)
+        console.print(f"[yellow]{note.transport} gave way ({note.error_kind})[/]: "
+                      f"{escape(note.error)}")
     _report(outcome.status, outcome.progress, outcome.transport, outcome.error)
     sys.exit(EXIT_CODES.get(outcome.status, 1))
 
@@ -321,7 +331,7 @@ def status(job_id: str, api_url: str, watch: bool) -> None:
 @click.argument("source")
 def echo(source: str) -> None:
     """C-ECHO a configured source from this machine."""
-    from pacsfetch.plugins.dimse import echo as dicom_echo
+    from pacsfetch.plugins.dimse.legacy import echo as dicom_echo
 
     config = _load()
     if source not in config.sources:

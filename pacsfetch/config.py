@@ -187,6 +187,15 @@ class SourceConfig(_Section):
             raise ValueError("dicomweb_username and dicomweb_password_env go together")
         return self
 
+    @field_validator("dicomweb_url")
+    @classmethod
+    def _no_credentials_in_url(cls, value: AnyHttpUrl | None) -> AnyHttpUrl | None:
+        # A URL is shown by GET /sources and quoted in job errors: a secret in it leaks.
+        if value is not None and (value.username or value.password):
+            raise ValueError("must not embed credentials (user:password@): set "
+                             "dicomweb_username with dicomweb_password_env, or dicomweb_token_env")
+        return value
+
     @field_validator("transports")
     @classmethod
     def _no_duplicates(cls, value: list[str]) -> list[str]:
@@ -273,6 +282,12 @@ class WorkerConfig(_Section):
         30, ge=5, description="A running job's lease; a redelivered job waits for it to lapse."
     )
     progress_interval: float = Field(0.5, gt=0, description="Seconds between progress updates.")
+    drain_seconds: int = Field(
+        60, ge=1, le=3600,
+        description="After SIGTERM, seconds a worker may finish its running job before it "
+        "hands the job back to the queue, and the receiver its open associations; the pod's "
+        "terminationGracePeriodSeconds must exceed it.",
+    )
 
 
 class MetricsConfig(_Section):

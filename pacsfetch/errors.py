@@ -33,13 +33,20 @@ class ErrorKind(StrEnum):
     """A store could not write or commit an instance."""
     AUTH = "auth"
     """An HTTP peer (DICOMweb gateway) refused our credentials (401/403)."""
+    TLS = "tls"
+    """The DICOM TLS handshake failed (certificates, CA, or a peer not speaking TLS)."""
     CONFIG = "config"
     """The job names something the configuration does not define."""
     CANCELLED = "cancelled"
+    PEER_BUSY = "peer-busy"
+    """The PACS said it is overloaded (association rejected as transient, 0xA7xx out of
+    resources, or success with nothing sent when instances were expected): retried later,
+    and bulk work against it slows down (see :mod:`pacsfetch.pushback`)."""
 
 
 RETRYABLE_KINDS = frozenset(
-    {ErrorKind.CONNECTION, ErrorKind.ASSOCIATION_ABORTED, ErrorKind.TIMEOUT}
+    {ErrorKind.CONNECTION, ErrorKind.ASSOCIATION_ABORTED, ErrorKind.TIMEOUT,
+     ErrorKind.PEER_BUSY}
 )
 
 

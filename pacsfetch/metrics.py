@@ -27,10 +27,10 @@ from prometheus_client import (
     Gauge,
     Histogram,
     multiprocess,
-    start_http_server,
 )
 from prometheus_client.metrics_core import Metric
 
+from pacsfetch import health
 from pacsfetch.config import ConfigError, MetricsConfig
 from pacsfetch.metrics_dir import MULTIPROC_ENV
 from pacsfetch.procs import pid_alive
@@ -223,7 +223,7 @@ def serve(port: int, bind: str, key: str) -> None:
     worker on the same host fails at start-up instead of silently exporting nothing.
     """
     try:
-        start_http_server(port, addr=bind, registry=serving_registry())
+        health.serve(port, bind, serving_registry())  # also /healthz and /readyz
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(f"{key}: cannot serve metrics on {bind}:{port}: {reason}") from None

@@ -20,7 +20,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import build_context
 
 from pacsfetch.config import SourceConfig
-from pacsfetch.plugins.dimse import associate
+from pacsfetch.plugins.dimse.legacy import associate
 from pacsfetch.plugins.transports.query import FIND_MODEL, find_matches
 from pacsfetch.studyquery import (
     StudyList,

@@ -55,12 +55,17 @@ layout = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
         ({"brokers": {}}, "brokers: unknown key"),
         ({"worker": {"concurrency": 0}}, "worker.concurrency:"),
         ({"stores": {"s": {"root": "/x"}}}, "stores.s.plugin:"),
+        ({"sources": {"o": {**SOURCE, "dicomweb_url": "http://user:secret@pacs/dicom-web"}}},
+         "sources.o.dicomweb_url: Value error, must not embed credentials"),
+        ({"sources": {"o": {**SOURCE, "dicomweb_url": "https://token@pacs/dicom-web"}}},
+         "sources.o.dicomweb_url:"),
     ],
 )
 def test_bad_values_name_the_key(data: dict, key: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data)
     assert key in str(info.value)
+    assert "secret" not in str(info.value)  # a refused URL's password is not echoed
 
 
 @pytest.mark.parametrize(
@@ -71,6 +76,15 @@ def test_bad_values_name_the_key(data: dict, key: str) -> None:
         ({"plugin": "filesystem", "root": "/x", "layout": "{StudyInstanceUID}.dcm"}, "stores.s.layout:"),
         ({"plugin": "filesystem", "root": "/x", "layout": "../{SOPInstanceUID}"}, "stores.s.layout:"),
         ({"plugin": "filesystem"}, "stores.s.root:"),
+        # Inside the store's control area, whose spool sweep deletes what it finds there.
+        ({"plugin": "filesystem", "root": "/x", "layout": ".pacsfetch/{SOPInstanceUID}"},
+         "stores.s.layout: Value error, must not write into the store's control area"),
+        ({"plugin": "filesystem", "root": "/x", "layout": ".PACSFETCH/spool/{SOPInstanceUID}"},
+         "stores.s.layout:"),
+        ({"plugin": "s3", "bucket": "b", "layout": ".pacsfetch/{SOPInstanceUID}"},
+         "stores.s.layout:"),
+        ({"plugin": "filesystem", "root": "/x", "layout": "a\0b/{SOPInstanceUID}"},
+         "stores.s.layout: Value error, must not contain a NUL"),
         ({"plugin": "nosuch", "root": "/x"}, "stores.s.plugin: no store plugin named 'nosuch'"),
     ],
 )

@@ -14,7 +14,7 @@ from pydicom.dataset import Dataset
 from pynetdicom.presentation import build_context
 
 from pacsfetch.config import Config
-from pacsfetch.plugins.dimse import associate, quiet_reactor
+from pacsfetch.plugins.dimse.legacy import associate, quiet_reactor
 from pacsfetch.plugins.transports.query import FIND_MODEL
 from pacsfetch.sandbox.peers import Orthanc
 from pacsfetch.sandbox.samples import SampleStudy

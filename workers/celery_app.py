@@ -13,12 +13,14 @@ from pacsfetch.logs import configure_logging
 from pacsfetch.metrics import forget_process
 from pacsfetch.plugins.registry import get_registry
 from pacsfetch.queue import make_celery
+from pacsfetch.workers import lifecycle
 
 config = load_config()
 registry = get_registry()
 store_settings = registry.check_config(config)
 configure_logging()
 app = make_celery(config)
+lifecycle.connect_worker(app, config)  # SIGTERM drains; consumer loop beats for /healthz
 
 
 @worker_process_shutdown.connect

@@ -13,6 +13,7 @@ and association; instances no running job claims are refused, never written.
 from __future__ import annotations
 
 import logging
+import socketserver
 import tempfile
 import threading
 import time
@@ -32,9 +33,10 @@ from pacsfetch.models import Level, Progress
 from pacsfetch.moves import MoveBook, MoveExpectation
 from pacsfetch.plugins.contracts import InstanceIdentity, StoreSession
 from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
-from pacsfetch.plugins.dimse import STORE_STATUS
+from pacsfetch.plugins.dimse.legacy import STORE_STATUS
 from pacsfetch.plugins.dulpace import pace
 from pacsfetch.plugins.registry import Registry
+from pacsfetch.workers import lifecycle
 from pacsfetch.workers.moves import MIN_EXPECTATION_TTL
 from pacsfetch.workers.pipeline import InstancePipeline
 
@@ -215,10 +217,18 @@ class MoveReceiver:
         self._spool.cleanup()
 
     def serve_forever(self) -> None:
-        """Serve until interrupted (SIGINT or SIGTERM turned into KeyboardInterrupt)."""
+        """Serve until SIGTERM or Ctrl-C, then drain (see :mod:`pacsfetch.workers.lifecycle`)."""
         self.start()
+        server = self._server
+        assert server is not None
         try:
-            threading.Event().wait()
+            lifecycle.serve_until_drained(
+                stop_accepting=lambda: (socketserver.BaseServer.shutdown(server),
+                                        server.server_close()),
+                busy=lambda: len(server.active_associations),
+                abort_all=lambda: [assoc.abort() for assoc in server.active_associations],
+                alive=lambda: server.socket.fileno() != -1,
+                drain_seconds=self.config.worker.drain_seconds)
         finally:
             self.stop()
 

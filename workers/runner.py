@@ -182,9 +182,9 @@ class JobRunner:
                                      error_kind=result.problem_kind or ErrorKind.PEER_STATUS.value,
                                      error="; ".join(result.problems))
             notes.append(note)
-            log.warning("transport failed, trying the next", extra={
+            log.warning("transport gave way, trying the next", extra={
                 "job_id": job_id, "transport": transport.name, "error_kind": note.error_kind,
-                "stored": len(pipeline.stored)})
+                "reason": note.error, "stored": len(pipeline.stored)})
         raise AssertionError("unreachable: the last transport returns or re-raises")
 
     @staticmethod

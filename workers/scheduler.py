@@ -134,6 +134,9 @@ class Scheduler:
 
 def build_duties(config: Config) -> list[Duty]:
     """Every duty of the fleet; features add theirs here (migrations, prefetch, worklists)."""
-    return [
-        Duty("retention", retention.SWEEP_INTERVAL, partial(retention.sweep, config)),
-    ]
+    from pacsfetch.workers.migrate import migration_duty  # imports the plugins: only here
+
+    duties: list[Duty] = []
+    duties.append(migration_duty(config))
+    duties.append(Duty("retention", retention.SWEEP_INTERVAL, partial(retention.sweep, config)))
+    return duties

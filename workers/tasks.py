@@ -22,10 +22,11 @@ from pacsfetch.errors import RetrieveError
 from pacsfetch.jobstore import JobNotFound, JobStore, encode_notes
 from pacsfetch.metrics import JOB_RETRIES, JOBS_IN_FLIGHT
 from pacsfetch.models import BULK_ORIGINS, FINAL_STATUSES, JobStatus
-from pacsfetch.plugins.dimse import echo as dicom_echo
+from pacsfetch.plugins.dimse.legacy import echo as dicom_echo
 from pacsfetch.plugins.find import find_studies as dicom_find_studies
-from pacsfetch.queue import ECHO_TASK, FIND_STUDIES_TASK, RETRIEVE_TASK, redis_priority
+from pacsfetch.queue import ECHO_TASK, FIND_STUDIES_TASK, QUEUE, RETRIEVE_TASK, redis_priority
 from pacsfetch.studyquery import StudyQuery
+from pacsfetch.workers import lifecycle
 from pacsfetch.workers.celery_app import app, config, registry, store_settings
 from pacsfetch.workers.runner import JobRunner, Outcome
 from pacsfetch.workers.state import RedisJobState
@@ -103,20 +104,24 @@ def retrieve(self: Task, job_id: str) -> None:
     heartbeat = _Heartbeat(store, job_id, owner, lease_ttl)
     heartbeat.start()
     try:
-        _attempt(self, store, job_id)
+        handed_back = _attempt(self, store, job_id)
     finally:
         heartbeat.stop()
         store.release_lease(job_id, owner)
+    if handed_back:  # lease released first, so the next worker starts at once
+        app.send_task(RETRIEVE_TASK, args=[job_id], queue=QUEUE,
+                      priority=redis_priority(job.request.priority), retries=self.request.retries)
 
 
-def _attempt(task: Task, store: JobStore, job_id: str) -> None:
+def _attempt(task: Task, store: JobStore, job_id: str) -> bool:
+    """One attempt; True when the worker is stopping and handed the job back (re-queued)."""
     changed, previous = store.transition(
         job_id, JobStatus.RUNNING, allowed_from=[JobStatus.QUEUED, JobStatus.RUNNING],
         error=None, error_kind=None, transport_notes=None,
     )
     if not changed:
         log.info("job no longer runnable", extra={"job_id": job_id, "status": str(previous)})
-        return
+        return False
     attempt = store.incr_attempts(job_id)
     job = store.get(job_id)
     hooks = registry.hooks.hook
@@ -126,7 +131,8 @@ def _attempt(task: Task, store: JobStore, job_id: str) -> None:
     runner = JobRunner(config, registry, store_settings)
     try:
         with JOBS_IN_FLIGHT.labels(job.request.source).track_inprogress():
-            outcome = runner.run(job_id, job.request, RedisJobState(store, job_id),
+            outcome = runner.run(job_id, job.request,
+                                 lifecycle.HandBackState(RedisJobState(store, job_id)),
                                  bulk=job.origin in BULK_ORIGINS)
     except RetrieveError as exc:
         retries = task.request.retries
@@ -149,7 +155,18 @@ def _attempt(task: Task, store: JobStore, job_id: str) -> None:
         log.exception("job crashed", extra={"job_id": job_id})
         outcome = Outcome(JobStatus.FAILED, store.get(job_id).progress, None,
                           f"internal error: {type(exc).__name__}: {exc}", "internal")
+    if lifecycle.handed_back(outcome.status is JobStatus.CANCELLED,
+                             lambda: store.cancel_requested(job_id)):
+        store.set_progress(job_id, outcome.progress)
+        store.transition(job_id, JobStatus.QUEUED, allowed_from=[JobStatus.RUNNING],
+                         error=f"attempt {attempt} handed back by a stopping worker after "
+                         f"{outcome.progress.completed} instance(s); another worker resumes it",
+                         error_kind=None)
+        log.info("job handed back", extra={"job_id": job_id, "attempt": attempt,
+                                           "completed": outcome.progress.completed})
+        return True
     _finish(store, job_id, outcome)
+    return False
 
 
 def _finish(store: JobStore, job_id: str, outcome: Outcome) -> None:

@@ -37,7 +37,8 @@ from pacsfetch import hookimpl
 from pacsfetch.config import AETitle, SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
-from pacsfetch.plugins.dimse import MAX_PRESENTATION_CONTEXTS, associate, quiet_reactor
+from pacsfetch.plugins.dimse.legacy import MAX_PRESENTATION_CONTEXTS, associate, quiet_reactor
+from pacsfetch.plugins.stores.dicom_inventory import find_study_instances
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,15 @@ class DicomForwardSettings(BaseModel):
     max_pdu: int = Field(0, ge=0, description="Largest PDU we accept; 0 means no limit.")
 
 
+def _peer(settings: DicomForwardSettings) -> SourceConfig:
+    """The destination as the DIMSE helpers know a peer."""
+    return SourceConfig(
+        ae_title=settings.ae_title, host=settings.host, port=settings.port,
+        calling_ae_title=settings.calling_ae_title, timeout=settings.timeout,
+        max_pdu=settings.max_pdu,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class _Pending:
     path: Path
@@ -77,11 +87,7 @@ class DicomForwardSession:
     """One job's association (re-opened as contexts grow) with one destination archive."""
 
     def __init__(self, settings: DicomForwardSettings, store_name: str, job_id: str) -> None:
-        self._peer = SourceConfig(
-            ae_title=settings.ae_title, host=settings.host, port=settings.port,
-            calling_ae_title=settings.calling_ae_title, timeout=settings.timeout,
-            max_pdu=settings.max_pdu,
-        )
+        self._peer = _peer(settings)
         self._where = f"{settings.ae_title}@{settings.host}:{settings.port}"
         self._store_name = store_name
         self._job_id = job_id
@@ -215,6 +221,13 @@ class DicomForwardBackend:
     def open(self, store_name: str, settings: BaseModel, job_id: str) -> DicomForwardSession:
         assert isinstance(settings, DicomForwardSettings)
         return DicomForwardSession(settings, store_name, job_id)
+
+    def study_inventory(self, store_name: str, settings: BaseModel,
+                        study_uid: str) -> frozenset[str] | None:
+        """What the destination archive holds of the study, by C-FIND (series, then image
+        level); None when it capped an answer, so the list would be a guess."""
+        assert isinstance(settings, DicomForwardSettings)
+        return find_study_instances(_peer(settings), study_uid, store_name)
 
 
 @hookimpl

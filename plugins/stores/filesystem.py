@@ -31,12 +31,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pacsfetch import hookimpl
 from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
-from pacsfetch.plugins.stores.layout import DEFAULT_LAYOUT, check_layout, render_layout
+from pacsfetch.plugins.stores.layout import (
+    CONTROL_AREA,
+    DEFAULT_LAYOUT,
+    check_layout,
+    render_layout,
+)
+from pacsfetch.plugins.stores.listing import study_listing
 from pacsfetch.procs import pid_alive
 
 log = logging.getLogger(__name__)
 
-CONTROL_DIR = ".pacsfetch"
+CONTROL_DIR = CONTROL_AREA
 STALE_SPOOL_SECONDS = 24 * 3600
 
 
@@ -239,6 +245,26 @@ class FilesystemBackend:
     def open(self, store_name: str, settings: BaseModel, job_id: str) -> FilesystemSession:
         assert isinstance(settings, FilesystemSettings)
         return FilesystemSession(settings, job_id)
+
+    def study_inventory(self, store_name: str, settings: BaseModel,
+                        study_uid: str) -> frozenset[str] | None:
+        """The study's instances whose files are in place now (listed, not recalled)."""
+        assert isinstance(settings, FilesystemSettings)
+        listing = study_listing(settings.layout, study_uid)
+        if listing is None:
+            return None
+        top_relative = listing.prefix.rpartition("/")[0]
+        top = settings.root / top_relative if top_relative else settings.root
+        found: set[str] = set()
+        for directory, subdirs, files in os.walk(top):
+            if Path(directory) == settings.root:
+                subdirs[:] = [d for d in subdirs if d != CONTROL_DIR]
+            base = Path(directory).relative_to(settings.root).as_posix()
+            for name in files:
+                relative = name if base == "." else f"{base}/{name}"
+                if relative.startswith(listing.prefix) and (uid := listing.sop_uid(relative)):
+                    found.add(uid)
+        return frozenset(found)
 
 
 @hookimpl

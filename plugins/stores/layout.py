@@ -19,10 +19,15 @@ from pacsfetch.plugins.dicomfile import LAYOUT_ATTRIBUTES
 DEFAULT_LAYOUT = "{StudyInstanceUID}/{SeriesInstanceUID}/{SOPInstanceUID}.dcm"
 LAYOUT_FIELDS = frozenset(LAYOUT_ATTRIBUTES) | {"TransferSyntaxUID"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+CONTROL_AREA = ".pacsfetch"
+"""A store's own bookkeeping below its root (spool, job manifests): the spool sweep deletes
+files there, so no layout may place instances inside it."""
 
 
 def check_layout(value: str) -> str:
     """Validate a layout template (a pydantic validator); returns it unchanged."""
+    if "\0" in value:
+        raise ValueError("must not contain a NUL character (no filesystem or key can hold it)")
     fields = []
     for _literal, name, spec, conversion in string.Formatter().parse(value):
         if name is None:
@@ -38,6 +43,9 @@ def check_layout(value: str) -> str:
         raise ValueError("must contain {SOPInstanceUID}, or instances would overwrite each other")
     if value.startswith("/") or any(part in ("", ".", "..") for part in value.split("/")):
         raise ValueError("must be a relative path without empty, '.' or '..' segments")
+    if value.split("/")[0].casefold() == CONTROL_AREA:
+        raise ValueError(f"must not write into the store's control area {CONTROL_AREA!r}: its "
+                         "spool sweep would delete committed instances")
     return value
 
 

@@ -51,6 +51,7 @@ from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
 from pacsfetch.plugins.stores.layout import DEFAULT_LAYOUT, check_layout, render_layout
+from pacsfetch.plugins.stores.listing import study_listing
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,20 @@ class _Staged:
     part_md5s: list[bytes] = field(default_factory=list)
 
 
+def _make_client(settings: S3Settings) -> Any:
+    """A boto3 client of its own (boto3's default session is not thread-safe)."""
+    return boto3.session.Session().client(
+        "s3",
+        region_name=settings.region,
+        endpoint_url=str(settings.endpoint_url) if settings.endpoint_url else None,
+        config=BotoConfig(
+            connect_timeout=settings.timeout,
+            read_timeout=settings.timeout,
+            retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+        ),
+    )
+
+
 def _digests(path: Path) -> _Digests:
     sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
     with path.open("rb") as fh:
@@ -152,16 +167,7 @@ class S3Session:
         self._job_id = job_id
         self._bucket = settings.bucket
         self._endpoint = str(settings.endpoint_url) if settings.endpoint_url else None
-        self._client = boto3.session.Session().client(
-            "s3",
-            region_name=settings.region,
-            endpoint_url=self._endpoint,
-            config=BotoConfig(
-                connect_timeout=settings.timeout,
-                read_timeout=settings.timeout,
-                retries={"max_attempts": settings.max_attempts, "mode": "standard"},
-            ),
-        )
+        self._client = _make_client(settings)
         self._extra: dict[str, str] = {}
         if settings.sse:
             self._extra["ServerSideEncryption"] = settings.sse
@@ -352,6 +358,32 @@ class S3Backend:
     def open(self, store_name: str, settings: BaseModel, job_id: str) -> S3Session:
         assert isinstance(settings, S3Settings)
         return S3Session(settings, store_name, job_id)
+
+    def study_inventory(self, store_name: str, settings: BaseModel,
+                        study_uid: str) -> frozenset[str] | None:
+        """The study's instances as the bucket lists them now (one LIST per 1000 keys).
+
+        Raises :class:`RetrieveError` (``store``) when the bucket cannot be listed."""
+        assert isinstance(settings, S3Settings)
+        listing = study_listing(settings.layout, study_uid)
+        if listing is None:
+            return None
+        base = f"{settings.prefix}/" if settings.prefix else ""
+        client = _make_client(settings)
+        found: set[str] = set()
+        try:
+            pages = client.get_paginator("list_objects_v2").paginate(
+                Bucket=settings.bucket, Prefix=base + listing.prefix)
+            for page in pages:
+                for item in page.get("Contents", []):
+                    if uid := listing.sop_uid(item["Key"][len(base):]):
+                        found.add(uid)
+        except (ClientError, BotoCoreError) as exc:
+            raise RetrieveError(ErrorKind.STORE, f"could not list bucket {settings.bucket!r} "
+                                f"(stores.{store_name}): {type(exc).__name__}") from None
+        finally:
+            client.close()
+        return frozenset(found)
 
 
 @hookimpl

@@ -32,6 +32,7 @@ from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
+from pacsfetch.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ FAILED_SOP_SEQUENCE = "00081198"
 REFERENCED_SOP_INSTANCE_UID = "00081155"
 FAILURE_REASON = "00081197"
 RETRIEVE_URL = "00081190"
+SOP_INSTANCE_UID = "00080018"
+QIDO_PAGE = 1000
 
 _FAILURE_REASONS = {
     0xA700: "out of resources",
@@ -90,6 +93,16 @@ def _from_env(name: str, store_name: str) -> str:
     return value
 
 
+def _http_client(settings: StowRsSettings, store_name: str) -> httpx.Client:
+    headers = {"Accept": "application/dicom+json"}
+    auth: httpx.Auth | None = None
+    if settings.token_env:
+        headers["Authorization"] = f"Bearer {_from_env(settings.token_env, store_name)}"
+    if settings.username and settings.password_env:
+        auth = httpx.BasicAuth(settings.username, _from_env(settings.password_env, store_name))
+    return httpx.Client(headers=headers, auth=auth, timeout=settings.timeout)
+
+
 class StowRsSession:
     """One job POSTing instances to one STOW-RS endpoint over one keep-alive connection."""
 
@@ -97,13 +110,7 @@ class StowRsSession:
         self._url = str(settings.url).rstrip("/") + "/studies"
         self._store_name = store_name
         self._job_id = job_id
-        headers = {"Accept": "application/dicom+json"}
-        auth: httpx.Auth | None = None
-        if settings.token_env:
-            headers["Authorization"] = f"Bearer {_from_env(settings.token_env, store_name)}"
-        if settings.username and settings.password_env:
-            auth = httpx.BasicAuth(settings.username, _from_env(settings.password_env, store_name))
-        self._client = httpx.Client(headers=headers, auth=auth, timeout=settings.timeout)
+        self._client = _http_client(settings, store_name)
 
     @property
     def spool_dir(self) -> Path | None:
@@ -196,6 +203,36 @@ class StowRsBackend:
     def open(self, store_name: str, settings: BaseModel, job_id: str) -> StowRsSession:
         assert isinstance(settings, StowRsSettings)
         return StowRsSession(settings, store_name, job_id)
+
+    def study_inventory(self, store_name: str, settings: BaseModel,
+                        study_uid: str) -> frozenset[str] | None:
+        """What the archive lists of the study by QIDO-RS (same DICOMweb root as STOW-RS),
+        page by page; None when it offers no QIDO-RS or refuses the query."""
+        assert isinstance(settings, StowRsSettings)
+        url = f"{str(settings.url).rstrip('/')}/studies/{study_uid}/instances"
+        found: set[str] = set()
+        with _http_client(settings, store_name) as client:
+            while True:
+                try:
+                    response = client.get(url, params={
+                        "includefield": SOP_INSTANCE_UID, "offset": len(found),
+                        "limit": QIDO_PAGE})
+                except httpx.TransportError:
+                    return None
+                if response.status_code in (204, 404):
+                    return frozenset(found)
+                if response.status_code != 200:
+                    return None
+                try:
+                    page = response.json()
+                except ValueError:
+                    return None
+                before = len(found)
+                found.update(uid for item in page if isinstance(item, dict)
+                             and isinstance(uid := _value(item, SOP_INSTANCE_UID), str)
+                             and is_valid_uid(uid))
+                if len(page) < QIDO_PAGE or len(found) == before:
+                    return frozenset(found)
 
 
 @hookimpl

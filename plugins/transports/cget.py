@@ -8,8 +8,9 @@ saying that *we* are the storage SCP, inside the 128-context limit of one associ
 So a retrieve is planned first: a C-FIND lists the instances (and their SOP classes); the
 contexts they need are packed into as few associations as fit; each association asks for
 its share at the coarsest level that is exact (the whole request, whole series, or lists
-of instances). Instances arrive spooled to disk by pynetdicom and go straight to the sink,
-so memory does not grow with study or instance size. After the transfer, whatever did
+of instances). Instances arrive through the project's own DIMSE engine
+(:func:`pacsfetch.plugins.dimse.services.c_get`), written fragment by fragment into spool
+files and handed straight to the sink, so memory does not grow with study or instance size. After the transfer, whatever did
 not arrive is explained: refused contexts, transfer syntaxes, or the PACS's own failures.
 """
 
@@ -17,14 +18,14 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     JPEG2000,
-    UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -37,23 +38,24 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import _config, evt
-from pynetdicom.association import Association
-from pynetdicom.presentation import build_context, build_role
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
 
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import Level
 from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport, Verdict
-from pacsfetch.plugins.dimse import (
+from pacsfetch.plugins.dimse.association import Association, DimseError
+from pacsfetch.plugins.dimse.services import (
     MAX_PRESENTATION_CONTEXTS,
+    QUERY_SYNTAXES,
     STORE_STATUS,
+    StoreHandler,
     SubOperations,
     associate,
-    quiet_reactor,
+    c_get,
+    dimse_failure,
     status_hint,
     sub_operation_counts,
+    uid_name,
 )
 from pacsfetch.plugins.transports.query import (
     UIDS_PER_QUERY,
@@ -66,10 +68,8 @@ from pacsfetch.plugins.transports.sopclasses import candidate_classes
 
 log = logging.getLogger(__name__)
 
-# Stream each incoming C-STORE data set to a temporary file instead of memory.
-_config.STORE_RECV_CHUNKED_DATASET = True
-
-GET_MODEL = StudyRootQueryRetrieveInformationModelGet
+GET_MODEL = "1.2.840.10008.5.1.4.1.2.2.3"
+"""Study Root Query/Retrieve Information Model - GET."""
 STORAGE_CONTEXTS_PER_ASSOCIATION = MAX_PRESENTATION_CONTEXTS - 1  # one is the GET model
 
 DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
@@ -90,7 +90,6 @@ DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = (
 per syntax lets the PACS send every instance exactly as stored, without transcoding."""
 
 Context = tuple[str, str]  # (SOP class UID, transfer syntax UID)
-Handler = Callable[[evt.Event], int]
 
 
 @dataclass
@@ -183,43 +182,44 @@ class _Counters(SubOperations):
     """SOP Instance UIDs the sink stored or already had, this attempt."""
 
 
-def _on_c_store(ctx: RetrieveContext, counters: _Counters):
-    def handler(event: evt.Event) -> int:
-        request = event.request
-        path: Path = event.dataset_path
-        # pynetdicom leaves the spool file of a C-GET sub-operation open; close our copy
-        # of the handle (the sink takes the file itself, by path).
-        spool_handle = getattr(request, "_dataset_file", None)
-        if spool_handle is not None:
-            spool_handle.close()
-        sop_instance_uid = str(request.AffectedSOPInstanceUID)
-        verdict = ctx.sink.accept(
-            path,
-            sop_class_uid=str(request.AffectedSOPClassUID),
-            sop_instance_uid=sop_instance_uid,
-        )
-        if verdict in (Verdict.STORED, Verdict.DUPLICATE):
-            counters.received.add(sop_instance_uid)
+def _on_c_store(ctx: RetrieveContext, counters: _Counters) -> StoreHandler:
+    accept = ctx.sink.accept
+    received = counters.received
+    kept = (Verdict.STORED, Verdict.DUPLICATE)
+
+    def handler(path: Path, sop_class_uid: str, sop_instance_uid: str) -> int:
+        verdict = accept(path, sop_class_uid=sop_class_uid, sop_instance_uid=sop_instance_uid)
+        if verdict in kept:
+            received.add(sop_instance_uid)
         return STORE_STATUS[verdict]
 
     return handler
+
+
+def _open(ctx: RetrieveContext, contexts: Iterable[Context]) -> Association:
+    """An association proposing the C-GET model and *contexts*, with the storage SCP role
+    for each of their SOP classes."""
+    contexts = list(contexts)
+    classes = sorted({c for c, _ in contexts})
+    return associate(
+        ctx.source, [(GET_MODEL, QUERY_SYNTAXES)] + [(c, (t,)) for c, t in contexts],
+        roles={c: (False, True) for c in classes}, purpose="C-GET",
+        source_name=ctx.source_name,
+    )
 
 
 def _check_negotiation(
     assoc: Association, plan: AssociationPlan, counters: _Counters, where: str, source_ae: str
 ) -> None:
     """Explain refused contexts now; fail at once when the PACS refuses C-GET itself."""
-    accepted = {
-        (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-        for cx in assoc.accepted_contexts
-        if cx.as_scp
-    }
+    accepted = {(cx.abstract_syntax, cx.transfer_syntax) for cx in assoc.contexts.values()
+                if cx.scp}
     _require_get_model(assoc, where, source_ae)
     usable_classes = {cls for cls, _ in accepted}
     refused_classes = sorted({cls for cls, _ in plan.contexts} - usable_classes)
     if refused_classes:
         count = sum(1 for r in plan.instances if r.sop_class_uid in refused_classes)
-        names = ", ".join(UID(c).name for c in refused_classes)
+        names = ", ".join(uid_name(c) for c in refused_classes)
         counters.problem(
             ErrorKind.NEGOTIATION,
             f"{where} refused every storage presentation context (with SCP role selection) "
@@ -233,7 +233,7 @@ def _check_negotiation(
         and not any((r.sop_class_uid, ts) in accepted for ts in r.transfer_syntaxes)
     ]
     if exact:
-        syntaxes = ", ".join(sorted({UID(ts).name for r in exact for ts in r.transfer_syntaxes}))
+        syntaxes = ", ".join(sorted({uid_name(ts) for r in exact for ts in r.transfer_syntaxes}))
         counters.problem(
             ErrorKind.TRANSFER_SYNTAX,
             f"{where} accepted none of the transfer syntaxes {len(exact)} instance(s) are "
@@ -242,7 +242,7 @@ def _check_negotiation(
 
 
 def _require_get_model(assoc: Association, where: str, source_ae: str) -> None:
-    if not any(str(cx.abstract_syntax) == GET_MODEL for cx in assoc.accepted_contexts):
+    if assoc.context(GET_MODEL) is None:
         assoc.release()
         raise RetrieveError(
             ErrorKind.NEGOTIATION,
@@ -254,48 +254,43 @@ def _require_get_model(assoc: Association, where: str, source_ae: str) -> None:
 
 def _run_gets(
     ctx: RetrieveContext, assoc: Association, plan: AssociationPlan, counters: _Counters,
-    later: int, where: str, *, tentative: bool = False,
+    later: int, where: str, handler: StoreHandler, *, tentative: bool = False,
 ) -> None:
     """Send the plan's C-GETs, feeding progress and honouring cancellation.
 
     A *tentative* plan guesses SOP classes: sub-operations it fails are expected (no
     context for the instance's class) and are neither reported nor counted.
     """
+    model = assoc.context(GET_MODEL)
+    assert model is not None  # checked by _require_get_model
+    cancelled = ctx.progress.cancelled
     for msg_id, identifier in enumerate(plan.identifiers, start=1):
         base = (counters.completed, counters.failed, counters.warning)
-        cancel_sent = False
-        final_code: int | None = None
-        quiet_reactor(assoc)
-        for status, reply in assoc.send_c_get(identifier, GET_MODEL, msg_id=msg_id):
-            code = getattr(status, "Status", None)
-            if code is None:
-                stored = counters.completed
-                raise RetrieveError(
-                    ErrorKind.ASSOCIATION_ABORTED,
-                    f"{where} aborted the association or stopped answering during C-GET "
-                    f"(after {stored} instance(s) this attempt); a retry resumes the job.",
-                )
-            remaining, completed, failed, warning = sub_operation_counts(status)
-            if tentative:
-                failed = 0
+
+        def pending(command: dict[int, Any], base: tuple[int, int, int] = base) -> None:
+            remaining, completed, failed, warning = sub_operation_counts(command)
             ctx.progress.peer_counts(
                 remaining=None if remaining is None else remaining + later,
-                completed=base[0] + completed, failed=base[1] + failed,
+                completed=base[0] + completed, failed=base[1] + (0 if tentative else failed),
                 warning=base[2] + warning,
             )
-            if code in (0xFF00, 0xFF01):
-                if not cancel_sent and ctx.progress.cancelled():
-                    assoc.send_c_cancel(msg_id, query_model=GET_MODEL)
-                    cancel_sent = True
-                continue
-            final_code = code
-            counters.completed, counters.failed, counters.warning = (
-                base[0] + completed, base[1] + failed, base[2] + warning
-            )
-            if reply is not None and "FailedSOPInstanceUIDList" in reply:
-                listed = reply.FailedSOPInstanceUIDList
-                counters.failed_uids += [listed] if isinstance(listed, str) else list(listed)
-        if final_code == 0xFE00 or cancel_sent:
+
+        try:
+            outcome = c_get(assoc, model, identifier, msg_id, spool_dir=ctx.sink.spool_dir,
+                            store=handler, pending=pending, cancelled=cancelled)
+        except DimseError as exc:
+            raise dimse_failure(exc, where, f"C-GET (after {counters.completed} instance(s) "
+                                "this attempt; a retry resumes the job)") from None
+        final_code = outcome.status
+        pending(outcome.command)
+        _, completed, failed, warning = sub_operation_counts(outcome.command)
+        if tentative:
+            failed = 0
+        counters.completed, counters.failed, counters.warning = (
+            base[0] + completed, base[1] + failed, base[2] + warning
+        )
+        counters.failed_uids += outcome.failed_uids
+        if final_code == 0xFE00 or outcome.cancel_sent:
             counters.cancelled = True
             return
         if final_code not in (0x0000, 0xB000) and not tentative:
@@ -308,7 +303,7 @@ def _run_gets(
 
 def _guess_classes(
     ctx: RetrieveContext, unknown: list[InstanceRef], syntaxes: tuple[str, ...] | list[str],
-    counters: _Counters, handler: Handler, where: str,
+    counters: _Counters, handler: StoreHandler, where: str,
 ) -> None:
     """Fetch instances whose SOP class the PACS did not say, in rounds of guesses.
 
@@ -353,7 +348,7 @@ def _guess_classes(
 
 def _tentative_round(
     ctx: RetrieveContext, missing: list[InstanceRef], contexts: list[Context],
-    counters: _Counters, handler: Handler, where: str,
+    counters: _Counters, handler: StoreHandler, where: str,
 ) -> None:
     by_series: dict[str, list[str]] = defaultdict(list)
     for ref in missing:
@@ -364,19 +359,10 @@ def _tentative_round(
         for part in chunks(uids, UIDS_PER_QUERY)
     ]
     plan = AssociationPlan(contexts, identifiers, missing)
-    classes = sorted({c for c, _ in contexts})
-    source = ctx.source
-    assoc = associate(
-        source,
-        [build_context(GET_MODEL)] + [build_context(c, t) for c, t in contexts],
-        ext_neg=[build_role(c, scp_role=True) for c in classes],
-        handlers=[(evt.EVT_C_STORE, handler)],
-        purpose="C-GET",
-        source_name=ctx.source_name,
-    )
+    assoc = _open(ctx, contexts)
     try:
-        _require_get_model(assoc, where, source.calling_ae_title)
-        _run_gets(ctx, assoc, plan, counters, 0, where, tentative=True)
+        _require_get_model(assoc, where, ctx.source.calling_ae_title)
+        _run_gets(ctx, assoc, plan, counters, 0, where, handler, tentative=True)
     finally:
         if assoc.is_established:
             assoc.release()
@@ -402,15 +388,10 @@ class CGetTransport:
         pending = sum(len(p.instances) for p in plans) + len(unknown)
         for plan in plans:
             pending -= len(plan.instances)
-            contexts = [build_context(GET_MODEL)] + [build_context(c, t) for c, t in plan.contexts]
-            roles = [build_role(c, scp_role=True) for c in sorted({c for c, _ in plan.contexts})]
-            assoc = associate(
-                source, contexts, ext_neg=roles, handlers=[(evt.EVT_C_STORE, handler)],
-                purpose="C-GET", source_name=ctx.source_name,
-            )
+            assoc = _open(ctx, plan.contexts)
             try:
                 _check_negotiation(assoc, plan, counters, where, source.calling_ae_title)
-                _run_gets(ctx, assoc, plan, counters, pending, where)
+                _run_gets(ctx, assoc, plan, counters, pending, where, handler)
             finally:
                 if assoc.is_established:
                     assoc.release()

@@ -30,7 +30,7 @@ from pacsfetch.plugins.contracts import (
     RetrieveResult,
     Transport,
 )
-from pacsfetch.plugins.dimse import (
+from pacsfetch.plugins.dimse.legacy import (
     PENDING,
     SubOperations,
     associate,
@@ -72,6 +72,34 @@ def move_identifiers(ctx: RetrieveContext, found: Inventory) -> list[Dataset]:
         for series_uid, uids in by_series.items()
         for part in chunks(uids, UIDS_PER_QUERY)
     ]
+
+
+def _silent_pacs(timeout: float, completed: int, received: int, where: str,
+                 destination: str) -> RetrieveError:
+    """The PACS stopped answering a C-MOVE for *timeout* seconds.
+
+    With nothing delivered in the whole attempt (no completed sub-operation, nothing at the
+    receiver), the PACS is almost surely stuck opening the connection back: a firewall that
+    drops its SYN leaves it connecting until its own timeout, which may be far longer than
+    ours. That is ``move-destination`` (``auto`` falls back to the next transport; a retry of
+    C-MOVE would hang the same way). Once instances arrived, the way back works: a
+    ``timeout``, retried, resuming the job.
+    """
+    if completed or received:
+        return RetrieveError(
+            ErrorKind.TIMEOUT,
+            f"{where} stopped answering the C-MOVE (no response within {timeout:g} s, after "
+            f"{completed} completed sub-operation(s), {received} received); a retry resumes "
+            "the job.",
+        )
+    return RetrieveError(
+        ErrorKind.MOVE_DESTINATION,
+        f"{where} went silent for {timeout:g} s after the C-MOVE request and delivered "
+        f"nothing: the PACS is likely stuck connecting to move destination {destination!r}, "
+        "e.g. a firewall or NAT silently drops its connection back to `pacsfetch receiver`. "
+        "Make the receiver reachable from the PACS (a port forward or a NodePort/LoadBalancer "
+        "Service), or use C-GET or DICOMweb, which need no connection back.",
+    )
 
 
 class CMoveTransport:
@@ -134,14 +162,8 @@ class CMoveTransport:
         for status, _ in assoc.send_c_move(identifier, destination, MOVE_MODEL, msg_id=msg_id):
             code = getattr(status, "Status", None)
             if code is None:
-                raise RetrieveError(
-                    ErrorKind.TIMEOUT,
-                    f"{where} stopped answering the C-MOVE (no response within "
-                    f"{ctx.source.timeout:g} s, after {seen} completed sub-operation(s)): "
-                    f"the PACS may be stuck connecting to move destination {destination!r}. "
-                    "Is `pacsfetch receiver` reachable from the PACS (NAT/firewall)? C-GET or "
-                    "DICOMweb avoid the connection back; a retry resumes the job.",
-                )
+                raise _silent_pacs(ctx.source.timeout, seen, moves.collect_now(), where,
+                                   destination)
             remaining, completed, failed, warning = sub_operation_counts(status)
             seen = base[0] + completed
             ctx.progress.peer_counts(remaining=remaining, completed=seen,

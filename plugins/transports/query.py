@@ -20,7 +20,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import JobRequest, Level
-from pacsfetch.plugins.dimse import associate, quiet_reactor
+from pacsfetch.plugins.dimse.legacy import associate, quiet_reactor
 from pacsfetch.uids import is_valid_uid
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,430 @@
+"""DIMSE services on :mod:`.association`: what the transports call.
+
+:func:`associate` opens an association for a source and explains a failure in operator
+terms (an :class:`~pacsfetch.errors.RetrieveError` of the right kind). :func:`c_get` is the
+per-instance hot path: C-STORE sub-operation data sets go fragment by fragment from the
+socket into a spool file behind a file meta header built from the command, the sink is
+called with the path, and the C-STORE-RSP is assembled from a template; no Dataset, no
+thread hand-off, no logging per instance. C-FIND, C-MOVE, C-ECHO and C-STORE (SCU) are
+request/response loops over :meth:`Association.receive_message`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import struct
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pacsfetch.config import SourceConfig
+from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.metrics import ASSOCIATION_THROUGHPUT, ASSOCIATIONS_OPEN, ASSOCIATIONS_OPENED
+from pacsfetch.plugins.contracts import Verdict
+from pacsfetch.plugins.dimse import messages as m
+from pacsfetch.plugins.dimse import pdu
+from pacsfetch.plugins.dimse.association import (
+    Association,
+    AssociationRejected,
+    ConnectFailed,
+    Context,
+    DimseError,
+    PeerClosed,
+    PeerTimeout,
+    PeerViolation,
+    TlsFailed,
+)
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
+MAX_PRESENTATION_CONTEXTS = 128
+"""PS3.8 §9.3.2.2: presentation context IDs are odd numbers 1-255."""
+
+IMPLICIT_LE = m.IMPLICIT_LE
+EXPLICIT_LE = m.EXPLICIT_LE
+QUERY_SYNTAXES = (IMPLICIT_LE, EXPLICIT_LE)
+"""Transfer syntaxes proposed for C-ECHO/C-FIND/C-GET/C-MOVE contexts (identifiers only)."""
+VERIFICATION = "1.2.840.10008.1.1"
+
+STORE_STATUS = {
+    Verdict.STORED: 0x0000,
+    Verdict.DUPLICATE: 0x0000,
+    Verdict.OUT_OF_SCOPE: 0x0124,  # Refused: Not Authorised (not part of this job)
+    Verdict.INVALID: 0xC000,  # Error: Cannot Understand
+    Verdict.STORE_FAILED: 0xA700,  # Refused: Out of Resources
+}
+"""The C-STORE status a storage SCP of ours (C-GET or the move receiver) answers a verdict with."""
+SOP_CLASS_NOT_SUPPORTED = 0x0122
+
+PENDING = m.PENDING
+Proposal = tuple[str, Sequence[str]]
+"""(abstract syntax, transfer syntaxes) of one proposed presentation context."""
+
+
+def where(source: SourceConfig) -> str:
+    return f"{source.ae_title}@{source.host}:{source.port}"
+
+
+def uid_name(uid: str) -> str:
+    """A UID's keyword-ish name for messages (the UID itself when pydicom does not know it)."""
+    from pydicom.uid import UID
+
+    return UID(uid).name
+
+
+def describe_contexts(contexts: Sequence[Proposal], limit: int = 6) -> str:
+    """Short human list of SOP classes (and transfer syntaxes) of some contexts."""
+    names = [f"{uid_name(a)} in {', '.join(uid_name(t) for t in ts)}" for a, ts in contexts]
+    shown = "; ".join(names[:limit])
+    return shown + (f"; and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def associate(source: SourceConfig, contexts: Sequence[Proposal], *,
+              roles: dict[str, tuple[bool, bool]] | None = None, purpose: str = "retrieve",
+              source_name: str = "unnamed", extra_user_items: Sequence[bytes] = ()
+              ) -> Association:
+    """Open an association or raise a :class:`RetrieveError` an operator can act on.
+
+    *source_name* (the ``[sources.NAME]`` of *source*) and *purpose* (a DICOM service name
+    such as ``C-GET``) label the association metrics, so both come from the config or the
+    code, never from the network. *roles* are SCP/SCU role selections per SOP class.
+    """
+    if len(contexts) > MAX_PRESENTATION_CONTEXTS:
+        raise ValueError(f"{len(contexts)} presentation contexts exceed the limit of 128")
+    rq = pdu.AssociateRequest(
+        called_ae=source.ae_title, calling_ae=source.calling_ae_title,
+        contexts=[pdu.ProposedContext(2 * i + 1, a, list(ts)) for i, (a, ts) in
+                  enumerate(contexts)],
+        max_pdu=source.max_pdu or pdu.RECEIVE_UNLIMITED, roles=dict(roles or {}),
+        extra_user_items=list(extra_user_items),
+    )
+    at = where(source)
+    tls = None
+    if source.tls is not None:
+        from pacsfetch.plugins.dimse.tls import client_context
+
+        try:
+            tls = client_context(source.tls)
+        except (OSError, ValueError) as exc:
+            raise RetrieveError(ErrorKind.TLS, f"cannot load the TLS files of the source "
+                                f"for {at}: {exc}") from None
+    try:
+        assoc = Association.request(source.host, source.port, rq, timeout=source.timeout,
+                                    tls=tls)
+    except ConnectFailed:
+        raise RetrieveError(
+            ErrorKind.CONNECTION,
+            f"cannot connect to {source.host}:{source.port} (refused or timed out after "
+            f"{source.timeout:g} s): is the PACS running and are host and port right?",
+        ) from None
+    except TlsFailed as exc:
+        raise RetrieveError(
+            ErrorKind.TLS,
+            f"{exc}. Check the source's tls ca_file (does it sign the PACS's certificate?), "
+            "cert_file/key_file (does the PACS trust our certificate?) and that the PACS "
+            "port speaks TLS.",
+        ) from None
+    except AssociationRejected as exc:
+        raise RetrieveError(
+            ErrorKind.ASSOCIATION_REJECTED,
+            f"{at} rejected the association for {purpose} ({exc}). "
+            f"Check that the PACS knows calling AE title {source.calling_ae_title!r} "
+            f"(and its host) and that its own AE title is {source.ae_title!r}.",
+        ) from None
+    except PeerTimeout:
+        raise RetrieveError(
+            ErrorKind.TIMEOUT,
+            f"{at} accepted the TCP connection but did not answer the association request "
+            f"within {source.timeout:g} s: is this port a DICOM port?",
+        ) from None
+    except PeerClosed:
+        raise RetrieveError(
+            ErrorKind.ASSOCIATION_ABORTED,
+            f"{at} closed the connection without answering the association request for "
+            f"{purpose}: is this port a DICOM port, and does the PACS accept this host?",
+        ) from None
+    except DimseError as exc:
+        raise RetrieveError(
+            ErrorKind.ASSOCIATION_ABORTED,
+            f"{at} aborted the association during negotiation for {purpose} ({exc}).",
+        ) from None
+    if not assoc.contexts:
+        assoc.release()
+        raise RetrieveError(
+            ErrorKind.NEGOTIATION,
+            f"{at} accepted none of the {len(contexts)} presentation contexts proposed for "
+            f"{purpose} ({describe_contexts(contexts)}). "
+            "The PACS does not offer this service or these SOP classes to "
+            f"{source.calling_ae_title!r}; enable them on the PACS or use another transport.",
+        )
+    _meter(assoc, source_name, purpose)
+    return assoc
+
+
+def _meter(assoc: Association, source_name: str, service: str) -> None:
+    """Count the association: opened, open until it closes, and its receive throughput."""
+    opened = time.monotonic()
+    ASSOCIATIONS_OPENED.labels(source_name, service).inc()
+    ASSOCIATIONS_OPEN.labels(source_name).inc()
+
+    def closed(a: Association) -> None:
+        ASSOCIATIONS_OPEN.labels(source_name).dec()
+        elapsed = time.monotonic() - opened
+        if elapsed > 0:
+            ASSOCIATION_THROUGHPUT.labels(source_name, service).observe(
+                a.received_bytes / elapsed)
+
+    assoc.on_close = closed
+
+
+def dimse_failure(exc: DimseError, at: str, what: str) -> RetrieveError:
+    """A failure in the middle of a service, as the job's error."""
+    if isinstance(exc, PeerTimeout):
+        return RetrieveError(ErrorKind.TIMEOUT, f"{at} stopped answering {what} ({exc})")
+    if isinstance(exc, PeerViolation):
+        return RetrieveError(ErrorKind.ASSOCIATION_ABORTED,
+                             f"{at} broke the DICOM protocol during {what}: {exc}; we aborted")
+    return RetrieveError(ErrorKind.ASSOCIATION_ABORTED,
+                         f"{at} aborted the association during {what} ({exc})")
+
+
+# ---- C-ECHO ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class EchoResult:
+    ok: bool
+    message: str
+    elapsed_ms: float
+
+
+def echo(source: SourceConfig, source_name: str = "unnamed") -> EchoResult:
+    """C-ECHO the source; never raises for network trouble, it reports it."""
+    started = time.perf_counter()
+    try:
+        assoc = associate(source, [(VERIFICATION, QUERY_SYNTAXES)], purpose="C-ECHO",
+                          source_name=source_name)
+    except RetrieveError as exc:
+        return EchoResult(False, str(exc), (time.perf_counter() - started) * 1000)
+    code: int | None = None
+    try:
+        cx = assoc.context(VERIFICATION)
+        assert cx is not None
+        assoc.send_message(cx.id, m.c_echo_rq(1))
+        _, command, _ = assoc.receive_message()
+        code = command.get(m.STATUS)
+    except DimseError:
+        code = None
+    finally:
+        assoc.release()
+    elapsed = (time.perf_counter() - started) * 1000
+    if code == 0x0000:
+        return EchoResult(True, f"C-ECHO to {source.ae_title} succeeded", elapsed)
+    if code is None:
+        return EchoResult(False, "no C-ECHO response (timeout or association aborted)", elapsed)
+    return EchoResult(False, f"C-ECHO answered with status 0x{code:04X}", elapsed)
+
+
+# ---- C-FIND ------------------------------------------------------------------------------
+
+def c_find(assoc: Association, model: str, identifier: Dataset, msg_id: int = 1
+           ) -> Iterator[tuple[int, Dataset | None]]:
+    """(status, match or None) of each response to one C-FIND, the final one last."""
+    cx = assoc.context(model)
+    if cx is None:
+        raise PeerViolation(f"no accepted context for {model}")
+    assoc.send_message(cx.id, m.c_find_rq(msg_id, model),
+                       m.encode_identifier(identifier, cx.transfer_syntax))
+    while True:
+        _, command, data = assoc.receive_message()
+        if command[m.COMMAND_FIELD] != m.C_FIND_RSP or command.get(m.RESPONDED_TO) != msg_id:
+            assoc.abort(provider_reason=2)
+            raise PeerViolation(f"unexpected command 0x{command[m.COMMAND_FIELD]:04X} "
+                                "in answer to a C-FIND")
+        status = command.get(m.STATUS, 0xC000)
+        found = m.decode_identifier(data, cx.transfer_syntax) if data else None
+        yield status, found
+        if status not in PENDING:
+            return
+
+
+# ---- C-GET -------------------------------------------------------------------------------
+
+StoreHandler = Callable[[Path, str, str], int]
+"""(spool path, SOP class UID, SOP instance UID) -> C-STORE status; takes the file."""
+
+_SPOOL_NAMES = itertools.count()
+_META_VERSION = b"\x02\x00\x01\x00OB\x00\x00\x02\x00\x00\x00\x00\x01"
+
+
+def _meta_ui(element: int, value: str) -> bytes:
+    raw = value.encode("ascii")
+    if len(raw) % 2:
+        raw += b"\0"
+    return struct.pack("<HH2sH", 2, element, b"UI", len(raw)) + raw
+
+
+def file_meta(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
+    """Preamble, 'DICM' and the file meta group of a Part-10 file, from the C-STORE command."""
+    version = pdu.IMPLEMENTATION_VERSION.encode("ascii")
+    if len(version) % 2:
+        version += b" "
+    body = b"".join((
+        _META_VERSION, _meta_ui(0x0002, sop_class), _meta_ui(0x0003, sop_instance),
+        _meta_ui(0x0010, transfer_syntax), _meta_ui(0x0012, pdu.IMPLEMENTATION_CLASS_UID),
+        struct.pack("<HH2sH", 2, 0x0013, b"SH", len(version)), version,
+    ))
+    return (bytes(128) + b"DICM" + struct.pack("<HH2sHI", 2, 0, b"UL", 4, len(body)) + body)
+
+
+def _even(uid: str) -> bytes:
+    raw = uid.encode("ascii")
+    return raw + b"\0" if len(raw) % 2 else raw
+
+
+def receive_store(assoc: Association, pcid: int, command: dict[int, Any], spool_dir: Path,
+                  store: StoreHandler) -> None:
+    """One C-STORE sub-operation: its data set into a spool file, the sink, the response.
+
+    The data set is refused (status 0x0122, its bytes discarded) when it comes on a context
+    we did not accept as the storage SCP for its class.
+    """
+    sop_class = command.get(m.AFFECTED_SOP_CLASS, "")
+    sop_instance = command.get(m.AFFECTED_SOP_INSTANCE, "")
+    cx = assoc.contexts.get(pcid)
+    if cx is None or not cx.scp or cx.abstract_syntax != sop_class or not m.has_data_set(
+            command):
+        if m.has_data_set(command):
+            assoc.read_data_set(pcid, _discard)
+        status = SOP_CLASS_NOT_SUPPORTED
+    else:
+        path = spool_dir / f"dimse-{os.getpid()}-{next(_SPOOL_NAMES)}.part"
+        fp = open(path, "xb")  # closed below on every path
+        try:
+            fp.write(file_meta(sop_class, sop_instance, cx.transfer_syntax))
+            assoc.read_data_set(pcid, fp.write)
+            fp.close()
+        except BaseException:
+            fp.close()
+            path.unlink(missing_ok=True)
+            raise
+        try:
+            status = store(path, sop_class, sop_instance)
+        finally:
+            if path.exists():
+                path.unlink()
+    assoc.send_message(pcid, m.store_rsp(command.get(m.MESSAGE_ID, 0), status,
+                                         _even(sop_class), _even(sop_instance)))
+
+
+def _discard(fragment: memoryview) -> None:
+    return None
+
+
+@dataclass
+class GetOutcome:
+    """How one C-GET (or C-MOVE) request ended."""
+
+    status: int
+    command: dict[int, Any]
+    failed_uids: list[str] = field(default_factory=list)
+    cancel_sent: bool = False
+
+
+def _failed_uids(command: dict[int, Any], data: bytes | None, transfer_syntax: str
+                 ) -> list[str]:
+    if not data:
+        raw = command.get(m.FAILED_UID_LIST)
+        if not raw:
+            return []
+        text = raw.decode("ascii", "replace").strip(" \0")
+        return [v.strip(" \0") for v in text.split("\\") if v.strip(" \0")]
+    try:
+        listed = m.decode_identifier(data, transfer_syntax).get("FailedSOPInstanceUIDList")
+    except Exception:  # pydicom raises many kinds for a malformed list: it is informative only
+        return []
+    if listed in (None, ""):
+        return []
+    return [str(listed)] if isinstance(listed, str) else [str(v) for v in listed]
+
+
+def c_get(assoc: Association, model: Context, identifier: Dataset, msg_id: int, *,
+          spool_dir: Path, store: StoreHandler, pending: Callable[[dict[int, Any]], None],
+          cancelled: Callable[[], bool]) -> GetOutcome:
+    """One C-GET: C-STORE sub-operations are stored as they come, pending responses go to
+    *pending*, a C-CANCEL is sent (once) when *cancelled* turns true."""
+    assoc.send_message(model.id, m.c_get_rq(msg_id, model.abstract_syntax),
+                       m.encode_identifier(identifier, model.transfer_syntax))
+    cancel_sent = False
+    read_command = assoc.read_command
+    while True:
+        pcid, command = read_command()
+        field_ = command[m.COMMAND_FIELD]
+        if field_ == m.C_STORE_RQ:
+            receive_store(assoc, pcid, command, spool_dir, store)
+            continue
+        if field_ != m.C_GET_RSP or command.get(m.RESPONDED_TO) != msg_id:
+            assoc.abort(provider_reason=2)
+            raise PeerViolation(f"unexpected command 0x{field_:04X} during a C-GET")
+        data = None
+        if m.has_data_set(command):
+            buffer = bytearray()
+            assoc.read_data_set(pcid, buffer.extend)
+            data = bytes(buffer)
+        status = command.get(m.STATUS, 0xC000)
+        if status in PENDING:
+            pending(command)
+            if not cancel_sent and cancelled():
+                assoc.send_message(model.id, m.c_cancel_rq(msg_id))
+                cancel_sent = True
+            continue
+        return GetOutcome(status, command, _failed_uids(command, data, model.transfer_syntax),
+                          cancel_sent)
+
+
+def sub_operation_counts(command: dict[int, Any]) -> tuple[int | None, int, int, int]:
+    """(remaining, completed, failed, warning) of a C-GET or C-MOVE response.
+
+    A final response may omit the remaining count: nothing is left of that request then.
+    """
+    remaining = command.get(m.REMAINING)
+    if remaining is None and command.get(m.STATUS) not in PENDING:
+        remaining = 0
+    return (remaining, command.get(m.COMPLETED) or 0, command.get(m.FAILED) or 0,
+            command.get(m.WARNING) or 0)
+
+
+def status_hint(code: int | None) -> str:
+    """What a C-GET or C-MOVE failure status means, for an operator (empty if nothing useful)."""
+    if code is None:
+        return ""
+    if code == 0xA801:
+        return " (refused: move destination unknown)"
+    if 0xA700 <= code <= 0xA7FF:
+        return " (refused: out of resources; the PACS could not start the sub-operations)"
+    if 0xA900 <= code <= 0xA9FF:
+        return " (identifier does not match SOP class)"
+    if 0xC000 <= code <= 0xCFFF:
+        return " (the PACS was unable to process the request)"
+    return ""
+
+
+@dataclass
+class SubOperations:
+    """Sub-operation counters summed over the C-GETs or C-MOVEs of one attempt, and what
+    the transport found wrong, for the job's error."""
+
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    problems: list[str] = field(default_factory=list)
+    problem_kind: ErrorKind | None = None
+    cancelled: bool = False
+
+    def problem(self, kind: ErrorKind, text: str) -> None:
+        self.problem_kind = self.problem_kind or kind
+        self.problems.append(text)
+

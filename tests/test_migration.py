@@ -1,0 +1,222 @@
+"""Migrations end to end against real peers: a source Orthanc holding studies over days and
+modalities that caps its C-FIND answers (``LimitFindResults``, so planning must split), a
+destination Orthanc fed by the DICOM forward store, a filesystem store and an S3 bucket (moto's
+server). A real Celery worker runs the study jobs; the feeder runs here, as the scheduler's
+duty would. What arrived is checked from the destination's own REST API."""
+
+from __future__ import annotations
+
+import csv
+import io
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+from helpers import CALLING_AE, WorkerProcess, make_config, wait_for
+
+from pacsfetch.api.app import create_app
+from pacsfetch.config import Config, parse_config
+from pacsfetch.jobstore import JobStore
+from pacsfetch.migrations import MigrationStatus, MigrationStore
+from pacsfetch.models import Level
+from pacsfetch.sandbox.archive import ArchiveStudy, generate_archive
+from pacsfetch.sandbox.peers import Orthanc, S3Server
+from pacsfetch.workers.migrate import MigrationFeeder
+
+CAP = 5
+STUDIES = 24
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> list[ArchiveStudy]:
+    return generate_archive(tmp_path_factory.mktemp("archive"), studies=STUDIES, days=10,
+                            seed=11)
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory,
+           archive: list[ArchiveStudy]) -> Iterator[Orthanc]:
+    with Orthanc(tmp_path_factory.mktemp("mig-source"), aet="OLDPACS", dicomweb=False,
+                 extra_config={"LimitFindResults": CAP}) as server:
+        server.upload(path for study in archive for path in study.paths)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def destination(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
+    with Orthanc(tmp_path_factory.mktemp("mig-dest"), aet="NEWPACS", dicomweb=False) as server:
+        yield server
+
+
+@pytest.fixture
+def config_data(redis_url: str, tmp_path: Path, source: Orthanc, destination: Orthanc,
+                aws_credentials: S3Server) -> dict[str, Any]:
+    bucket = f"mig-{uuid.uuid4().hex[:10]}"
+    aws_credentials.client().create_bucket(Bucket=bucket)
+    data = make_config(redis_url=redis_url, store_root=tmp_path / "store", fsync=False,
+                       extra_sources={"old": {
+                           "ae_title": source.aet, "host": "127.0.0.1",
+                           "port": source.dicom_port, "calling_ae_title": CALLING_AE,
+                           "transports": ["c-get"], "timeout": 10, "max_results": CAP}})
+    data["stores"].update({
+        "new": {"plugin": "dicom", "ae_title": destination.aet, "host": "127.0.0.1",
+                "port": destination.dicom_port},
+        "bucket": {"plugin": "s3", "bucket": bucket, "endpoint_url": aws_credentials.url,
+                   "region": aws_credentials.region},
+    })
+    return data
+
+
+@pytest.fixture
+def config(config_data: dict[str, Any]) -> Config:
+    return parse_config(config_data)
+
+
+@pytest.fixture
+def feeder(config: Config) -> Iterator[Callable[[], MigrationFeeder]]:
+    """The feeder ticking on a thread, as the scheduler's leader runs it."""
+    stop = threading.Event()
+    made: list[tuple[MigrationFeeder, threading.Thread]] = []
+
+    def start() -> MigrationFeeder:
+        feeder = MigrationFeeder(config)
+
+        def loop() -> None:
+            while not stop.wait(0.2):
+                feeder.tick()
+        thread = threading.Thread(target=loop, daemon=True)
+        thread.start()
+        made.append((feeder, thread))
+        return feeder
+
+    yield start
+    stop.set()
+    for feeder, thread in made:
+        thread.join()
+        feeder.close()
+
+
+def finished(client: TestClient, mig_id: str) -> dict[str, Any]:
+    def final() -> dict[str, Any] | None:
+        record = client.get(f"/migrations/{mig_id}").json()
+        return record if MigrationStatus(record["status"]).is_final else None
+    return wait_for(final, timeout=180, interval=0.3, what="the migration to finish")
+
+
+def orthanc_sop_uids(server: Orthanc) -> list[str]:
+    found = httpx.post(f"{server.http_url}/tools/find", json={
+        "Level": "Instance", "Query": {}, "Expand": True}, timeout=30).json()
+    return [item["MainDicomTags"]["SOPInstanceUID"] for item in found]
+
+
+def test_an_archive_migrates_whole_and_verified_then_a_rerun_skips_it(
+        config: Config, config_data: dict[str, Any], archive: list[ArchiveStudy],
+        destination: Orthanc, start_worker: Callable[..., WorkerProcess],
+        feeder: Callable[[], MigrationFeeder], tmp_path: Path) -> None:
+    start_worker(config_data, concurrency=2)
+    feeder()
+    client = TestClient(create_app(config))
+    response = client.post("/migrations", json={
+        "source": "old", "stores": ["new", "local", "bucket"], "max_in_flight": 3})
+    assert response.status_code == 202, response.text
+    mig_id = response.json()["id"]
+    assert response.headers["Location"] == f"/migrations/{mig_id}"
+
+    record = finished(client, mig_id)
+    assert record["status"] == "succeeded", record
+    assert record["plan_complete"] is True
+    counts = record["studies"]
+    assert counts["planned"] == STUDIES == counts["verified"] == counts["done"]
+    expected = sorted(uid for study in archive for uid in study.sop_uids)
+    assert record["instances_planned"] == len(expected)
+    assert record["instances_moved"] == len(expected)
+
+    assert sorted(orthanc_sop_uids(destination)) == expected  # each arrived, once
+    files = sorted(p.stem for p in (tmp_path / "store").rglob("*.dcm"))
+    assert files == expected
+    bucket = config.stores["bucket"].settings
+    import boto3
+    s3 = boto3.client("s3", endpoint_url=bucket["endpoint_url"], region_name=bucket["region"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket["bucket"])["Contents"]]
+    assert sorted(k.rsplit("/", 1)[1].removesuffix(".dcm") for k in keys) == expected
+
+    report = list(csv.DictReader(io.StringIO(client.get(f"/migrations/{mig_id}/report").text)))
+    assert sorted(r["study_uid"] for r in report) == sorted(s.study_uid for s in archive)
+    assert {r["status"] for r in report} == {"verified"}
+    by_uid = {s.study_uid: s for s in archive}
+    for row in report:
+        assert row["study_date"] == by_uid[row["study_uid"]].study_date
+        assert row["instances_source"] == row["instances_destination"] == "2"
+
+    pages, cursor = [], 0
+    while True:
+        page = client.get(f"/migrations/{mig_id}/studies",
+                          params={"cursor": cursor, "limit": 7, "status": "verified"}).json()
+        pages += page["items"]
+        cursor = page["cursor"]
+        if cursor == 0:
+            break
+    assert len({item["study_uid"] for item in pages}) == STUDIES
+
+    # Again into the destination alone: everything is there, nothing is fetched.
+    jobs_before = JobStore.from_url(config.broker.url).count_by_status()
+    again = client.post("/migrations", json={"source": "old", "stores": ["new"]}).json()["id"]
+    record = finished(client, again)
+    assert record["status"] == "succeeded"
+    assert record["studies"]["skipped"] == STUDIES and record["instances_moved"] == 0
+    assert JobStore.from_url(config.broker.url).count_by_status() == jobs_before
+
+    # A partial study at the destination: only what is missing moves.
+    study = archive[5]
+    lookup = httpx.post(f"{destination.http_url}/tools/lookup",
+                        content=study.sop_uids[1]).json()
+    httpx.delete(f"{destination.http_url}/instances/{lookup[0]['ID']}").raise_for_status()
+    partial = client.post("/migrations", json={
+        "source": "old", "stores": ["new"],
+        "filter": {"study_uids": [study.study_uid]}}).json()["id"]
+    record = finished(client, partial)
+    assert record["status"] == "succeeded" and record["studies"]["verified"] == 1
+    [row] = client.get(f"/migrations/{partial}/studies").json()["items"]
+    job = JobStore.from_url(config.broker.url).get(row["job_id"])
+    assert job.request.level is Level.IMAGE and job.request.sop_uids == [study.sop_uids[1]]
+    assert sorted(orthanc_sop_uids(destination)) == expected
+
+
+def test_planning_splits_capped_windows_and_honours_the_filter(
+        config: Config, archive: list[ArchiveStudy]) -> None:
+    from pacsfetch.gate import process_gate
+    from pacsfetch.migrations import MigrationRequest
+    from pacsfetch.workers.planner import run_planning
+
+    store = MigrationStore.from_url(config.broker.url)
+    wanted = [s for s in archive if s.modality == "CT" and "20230302" <= s.study_date <= "20230308"]
+    record = store.create(MigrationRequest.model_validate({
+        "source": "old", "stores": ["local"],
+        "filter": {"from": "20230302", "to": "20230308", "modalities": ["CT"]}}))
+    run_planning(config, store, process_gate(config), record.id, threading.Event())
+    planned = {row.study_uid: row for row in store.scan_studies(record.id)}
+    assert sorted(planned) == sorted(s.study_uid for s in wanted)
+    assert all(row.instances_source == 2 for row in planned.values())
+
+    everything = store.create(MigrationRequest(source="old", stores=["local"]))
+    run_planning(config, store, process_gate(config), everything.id, threading.Event())
+    result = store.get(everything.id)
+    assert result.plan_complete and result.studies.planned == STUDIES
+    assert result.instances_planned == 2 * STUDIES
+
+
+def test_bad_input_names_the_field(config: Config) -> None:
+    client = TestClient(create_app(config))
+    for body, loc in [({"source": "nope", "stores": ["local"]}, ["body", "source"]),
+                      ({"source": "old", "stores": ["local", "x"]}, ["body", "stores", 1]),
+                      ({"source": "old", "stores": ["local"], "filter": {"from": "2023"}},
+                       ["body", "filter", "from"])]:
+        response = client.post("/migrations", json=body)
+        assert response.status_code == 422, body
+        assert response.json()["detail"][0]["loc"] == loc
+    assert client.get("/migrations/nope").status_code == 404
