@@ -13,6 +13,8 @@ from pacsfetch import audit
 from pacsfetch.api.auth import CallerDep
 from pacsfetch.api.deps import get_celery, get_config, get_jobstore, get_submitter
 from pacsfetch.api.schemas import (
+    MAX_CURSOR,
+    MAX_OFFSET,
     InstancePage,
     JobAccepted,
     JobBatch,
@@ -28,10 +30,6 @@ from pacsfetch.models import JobRecord, JobRequest, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
-MAX_OFFSET = 2**62
-"""Beyond any job count, and Redis's ranges (64-bit) still hold ``offset + limit``."""
-MAX_CURSOR = 2**64 - 1
-"""A Redis SCAN cursor is an unsigned 64-bit number."""
 
 ConfigDep = Annotated[Config, Depends(get_config)]
 StoreDep = Annotated[JobStore, Depends(get_jobstore)]

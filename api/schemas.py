@@ -9,6 +9,12 @@ from pacsfetch.models import JobRecord, JobRequest, JobStatus
 MAX_BATCH = 1000
 """Jobs per ``POST /jobs/batch``: large enough to enqueue 10,000 in a few calls, small
 enough that one request's validation and Redis round trip stay well under a second."""
+MAX_OFFSET = 2**62
+"""Largest list ``offset``: beyond any count, and Redis's 64-bit ranges still hold
+``offset + limit`` (past them Redis refused the range and the API answered 500)."""
+MAX_CURSOR = 2**64 - 1
+"""Largest page ``cursor``: a Redis SCAN cursor is an unsigned 64-bit number."""
+
 MAX_BATCH_SOP_UIDS = 100_000
 """SOP Instance UIDs in one batch, all jobs together: a full batch is then at most ~7 MB
 of JSON and ~100 MB of API memory while it is parsed (1,000 jobs of 10,000 UIDs each, the

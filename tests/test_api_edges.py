@@ -63,6 +63,12 @@ def test_the_largest_offset_allowed_is_answered(client: TestClient) -> None:
     assert page.status_code == 200 and page.json()["items"] == []
 
 
+@pytest.mark.parametrize("path", ["/jobs", "/migrations"])
+def test_offsets_past_64_bits_are_422_on_every_list(client: TestClient, path: str) -> None:
+    assert client.get(path, params={"offset": 2**64}).status_code == 422
+    assert client.get(path, params={"offset": 2**62}).status_code == 200
+
+
 @pytest.mark.parametrize("cursor", [2**64, 10**30, -1])
 def test_instance_cursors_past_64_bits_are_422(client: TestClient, cursor: int) -> None:
     job_id = client.post("/jobs", json=_job()).json()["id"]
