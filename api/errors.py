@@ -3,7 +3,7 @@
 FastAPI's default ``422`` echoes each offending ``input`` back: a 10 MB list of UIDs came
 back whole, and a ``NaN`` in the body could not be encoded at all (a ``500``). Here an
 input is shown only when it is a short scalar; anything else is described by its type
-and size. A Redis that is down answers ``503`` on every endpoint, not ``500``.
+and size. A Redis that cannot be reached answers ``503`` on every endpoint, not ``500``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
                         status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
-async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+async def _redis_down(request: Request,
+                      exc: redis.ConnectionError | redis.TimeoutError) -> JSONResponse:
     log.warning("request failed: Redis unreachable",
                 extra={"path": request.url.path, "reason": type(exc).__name__})
     return JSONResponse({"detail": "the job store (Redis) is unavailable"},
@@ -63,4 +64,6 @@ async def _redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
 def install(app: FastAPI) -> None:
     """Register the handlers on *app*."""
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
-    app.add_exception_handler(redis.RedisError, _redis_down)  # type: ignore[arg-type]
+    # Only an unreachable Redis: a command Redis refuses (ResponseError) is our bug, a 500.
+    for unreachable in (redis.ConnectionError, redis.TimeoutError):
+        app.add_exception_handler(unreachable, _redis_down)  # type: ignore[arg-type]
