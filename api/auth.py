@@ -7,8 +7,9 @@ when there is none, then answers ``413`` for a body over ``[api] max_body_bytes`
 dependencies only after it has read and parsed the whole body, which is why this cannot be
 a dependency: a 200 MB body was read and parsed before its ``401``.
 
-Routes then ask for a scope with :func:`authorize` (by method) or :func:`require_scope`,
-and find the caller with :func:`current_caller` (what a job's ``created_by`` records).
+Routes then ask for a scope with :func:`authorize` (by method), and find the caller with
+:func:`current_caller` (what a job's ``created_by`` records; a feature recording who created
+its own records takes ``CallerDep`` the same way).
 """
 
 from __future__ import annotations
@@ -143,12 +144,3 @@ async def authorize(request: Request, caller: CallerDep,
                     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     """Router dependency: ``read`` for GET, ``submit`` for anything else."""
     _check(caller, "read" if request.method in ("GET", "HEAD") else "submit")
-
-
-def require_scope(scope: str) -> Callable[[Caller], Awaitable[None]]:
-    """A dependency demanding *scope* (``admin``, say) of the caller."""
-
-    async def check(caller: CallerDep) -> None:
-        _check(caller, scope)
-
-    return check

@@ -228,8 +228,8 @@ class ApiConfig(_Section):
 
     require_token: bool = Field(
         False,
-        description="Refuse to start unless PACSFETCH_API_TOKEN is set; callers then send it "
-        "as a bearer token.",
+        description="Refuse to start unless a token is configured (PACSFETCH_API_TOKEN, "
+        "PACSFETCH_API_TOKENS or tokens_file); callers then send one as a bearer token.",
     )
     echo_timeout: float = Field(15.0, gt=0)
     query_timeout: float = Field(

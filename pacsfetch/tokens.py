@@ -56,8 +56,6 @@ HL7_LISTENER = Caller("hl7-listener", frozenset({"submit"}))
 """What the HL7 order listener's prefetch jobs record as ``created_by``."""
 SCHEDULER = Caller("scheduler", frozenset({"submit"}))
 """What the scheduler's duties (migrations, prefetch sweeps) record as ``created_by``."""
-CLI = Caller("cli", frozenset(SCOPES))
-"""``pacsfetch retrieve`` run inline on a machine holding the configuration."""
 
 
 def hash_token(token: str) -> str:

@@ -77,3 +77,14 @@ def test_expired_jobs_leave_the_indexes_on_sweep(redis_url: str) -> None:
     assert [j.id for j in store.list()[0]] == [waiting.id] and store.list()[1] == 1
     assert store.count_by_status()[JobStatus.SUCCEEDED] == 0
     assert store.get(waiting.id).status is JobStatus.QUEUED  # never expires while not final
+
+
+def test_other_records_expire_with_the_same_setting(redis_url: str) -> None:
+    """What a migration's or a prefetch's finished records call."""
+    config = parse_config({"broker": {"url": redis_url}, "jobs": {"retention_days": 2}})
+    r = redis.Redis.from_url(redis_url)
+    r.hset("pacsfetch:mig:abc", "status", "finished")
+    r.hset("pacsfetch:mig:abc:studies", "1.2.3", "x")
+    retention.expire_finished(r, ["pacsfetch:mig:abc", "pacsfetch:mig:abc:studies"], config)
+    assert all(2 * DAY - 60 < r.ttl(k) <= 2 * DAY
+               for k in ("pacsfetch:mig:abc", "pacsfetch:mig:abc:studies"))
