@@ -17,6 +17,7 @@ or another feature's), ``atna_event`` (the DICOM event code where one fits), ``c
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pacsfetch.config import Config
+from pacsfetch.metrics import AUDIT_WRITE_FAILURES
 from pacsfetch.models import JobRecord, JobStatus
 
 ATNA_EVENTS = {
@@ -37,6 +39,8 @@ ATNA_EVENTS = {
 ATNA_OUTCOMES = {JobStatus.SUCCEEDED: 0, JobStatus.PARTIAL: 4, JobStatus.CANCELLED: 4,
                  JobStatus.FAILED: 8}
 """EventOutcomeIndicator: 0 success, 4 minor failure, 8 serious failure."""
+
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _files: dict[tuple[int, Path], int] = {}
@@ -78,15 +82,25 @@ def job_event(event: str, job: JobRecord, caller: str | None = None,
 
 
 def write(config: Config, events: Iterable[dict[str, Any]]) -> None:
-    """Append *events* (one line each, stamped with time, host and pid) in one write."""
+    """Append *events* (one line each, stamped with time, host and pid) in one write.
+
+    A failed write is logged and counted (``pacsfetch_audit_write_failures_total``, alert
+    on it), never raised: the job it describes is already recorded and queued, or running,
+    and failing the caller or the worker then would lose track of it, not audit it."""
     path = config.audit.path
     if path is None:
         return
     stamp = {"time": datetime.now(UTC).isoformat(), "host": socket.gethostname(),
              "pid": os.getpid()}
-    data = "".join(json.dumps({**stamp, **e}, separators=(",", ":")) + "\n" for e in events)
-    if data:
-        os.write(_fd(path), data.encode())
+    lines = [json.dumps({**stamp, **e}, separators=(",", ":")) + "\n" for e in events]
+    if not lines:
+        return
+    try:
+        os.write(_fd(path), "".join(lines).encode())
+    except OSError as exc:
+        AUDIT_WRITE_FAILURES.inc(len(lines))
+        log.error("could not append to the audit trail",
+                  extra={"events": len(lines), "reason": exc.strerror or type(exc).__name__})
 
 
 def record(config: Config, event: str, jobs: JobRecord | Sequence[JobRecord],

@@ -269,6 +269,15 @@ class AuditConfig(_Section):
         "unset: no audit trail.",
     )
 
+    @field_validator("path")
+    @classmethod
+    def _in_a_directory(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.parent.is_dir():
+            raise ValueError(f"{value.parent} is not a directory")
+        if value is not None and value.is_dir():
+            raise ValueError(f"{value} is a directory; name a file in it")
+        return value
+
 
 class WorkerConfig(_Section):
     """How workers run jobs."""

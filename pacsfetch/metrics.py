@@ -137,6 +137,12 @@ ASSOCIATION_SLOT_WAIT = Histogram(
     ["source"], buckets=QUEUED_BUCKETS,
 )
 
+# --- audit trail (pacsfetch/audit.py) -----------------------------------------------------
+AUDIT_WRITE_FAILURES = Counter(
+    "pacsfetch_audit_write_failures",
+    "Audit events that could not be appended to [audit] path (full disk, permissions).",
+)
+
 
 class InstanceMeter:
     """The instance counters of one job attempt with one transport, labels bound once.

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from test_api import EXTRA_SOURCE, STUDY
 
 from pacsfetch.api.app import create_app
-from pacsfetch.config import Config, ConfigError
+from pacsfetch.config import Config, ConfigError, parse_config
 from pacsfetch.jobstore import JobStore
 from pacsfetch.models import JobRequest
 from pacsfetch.tokens import HL7_LISTENER, SCHEDULER, add_token, hash_token, read_tokens_file
@@ -147,3 +148,22 @@ def test_cli_token_add_and_hash(tmp_path: Path) -> None:
     again = subprocess.run([*cli, "token", "add", "pacs-admin", "--file", str(path)],
                            capture_output=True, text=True)
     assert again.returncode == 2 and "already has a token named 'pacs-admin'" in again.stderr
+
+
+def test_audit_path_is_checked_at_start(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="audit.path"):
+        parse_config({"audit": {"path": str(tmp_path / "missing" / "audit.jsonl")}})
+    with pytest.raises(ConfigError, match="audit.path"):
+        parse_config({"audit": {"path": str(tmp_path)}})
+
+
+def test_a_full_audit_disk_is_counted_and_the_job_still_goes(config: Config) -> None:
+    """/dev/full fails every write with ENOSPC, as a full disk does."""
+    full = config.model_copy(update={"audit": config.audit.model_copy(
+        update={"path": Path("/dev/full")})})
+    before = REGISTRY.get_sample_value("pacsfetch_audit_write_failures_total") or 0
+    client = _client(full)
+    response = client.post("/jobs", json=JOB)
+    assert response.status_code == 202
+    assert client.get(f"/jobs/{response.json()['id']}").json()["status"] == "queued"
+    assert REGISTRY.get_sample_value("pacsfetch_audit_write_failures_total") == before + 1
