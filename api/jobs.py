@@ -9,8 +9,12 @@ from celery import Celery
 from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 
+from pacsfetch import audit
+from pacsfetch.api.auth import CallerDep
 from pacsfetch.api.deps import get_celery, get_config, get_jobstore, get_submitter
 from pacsfetch.api.schemas import (
+    MAX_CURSOR,
+    MAX_OFFSET,
     InstancePage,
     JobAccepted,
     JobBatch,
@@ -25,6 +29,7 @@ from pacsfetch.metrics import JOBS_SUBMITTED
 from pacsfetch.models import JobRecord, JobRequest, JobStatus
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
 
 ConfigDep = Annotated[Config, Depends(get_config)]
 StoreDep = Annotated[JobStore, Depends(get_jobstore)]
@@ -69,10 +74,11 @@ def _job(store: JobStore, job_id: str) -> JobRecord:
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobAccepted,
              responses={422: {"description": "A field is invalid; `detail[].loc` names it."}})
 async def submit_job(request: JobRequest, response: Response, config: ConfigDep,
-                     submitter: SubmitterDep) -> JobAccepted:
+                     submitter: SubmitterDep, caller: CallerDep) -> JobAccepted:
     """Record a retrieve job and put it on the queue; follow it at the `Location` URL."""
     check_against_config(request, config)
-    record = await submitter.submit(request)
+    record = await submitter.submit(request, caller.name)
+    audit.record(config, "job.submit", record, caller.name)
     JOBS_SUBMITTED.labels(request.source, request.transport, request.store).inc()
     response.headers["Location"] = f"/jobs/{record.id}"
     return JobAccepted(id=record.id, status=record.status)
@@ -82,36 +88,40 @@ async def submit_job(request: JobRequest, response: Response, config: ConfigDep,
              responses={422: {"description": "An entry is invalid; `detail[].loc` names its "
                               "index and field (`body.jobs.3.study_uid`); nothing was recorded."}})
 def submit_jobs(batch: JobBatch, config: ConfigDep, store: StoreDep,
-                celery: CeleryDep) -> JobBatchAccepted:
+                celery: CeleryDep, caller: CallerDep) -> JobBatchAccepted:
     """Record and enqueue many jobs in one call (one Redis round trip to record them).
 
     Every entry is checked before anything is recorded: one bad entry refuses the batch.
     """
     for index, request in enumerate(batch.jobs):
         check_against_config(request, config, ("body", "jobs", index))
-    records = record_and_enqueue(store, celery, batch.jobs)
+    records = record_and_enqueue(store, celery, batch.jobs, caller.name)
+    audit.record(config, "job.submit", records, caller.name)
     return JobBatchAccepted(jobs=[JobAccepted(id=r.id, status=r.status) for r in records])
 
 
 @router.get("", response_model=JobPage)
 def list_jobs(store: StoreDep,
               status_filter: Annotated[JobStatus | None, Query(alias="status")] = None,
-              offset: Annotated[int, Query(ge=0)] = 0,
+              offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
               limit: Annotated[int, Query(ge=1, le=500)] = 50) -> JobPage:
     """Jobs, newest first, optionally only those with one status."""
     items, total = store.list(status_filter, offset, limit)
     return JobPage(items=items, total=total, offset=offset, limit=limit)
 
 
-@router.get("/{job_id}", response_model=JobRecord)
+_NOT_FOUND = {404: {"description": "No job with that id (or it expired: `[jobs] retention_days`)."}}
+
+
+@router.get("/{job_id}", response_model=JobRecord, responses=_NOT_FOUND)
 def get_job(job_id: str, store: StoreDep) -> JobRecord:
     """A job with its status, progress counters, timestamps, transport and error."""
     return _job(store, job_id)
 
 
-@router.get("/{job_id}/instances", response_model=InstancePage)
+@router.get("/{job_id}/instances", response_model=InstancePage, responses=_NOT_FOUND)
 def job_instances(job_id: str, store: StoreDep,
-                  cursor: Annotated[int, Query(ge=0)] = 0,
+                  cursor: Annotated[int, Query(ge=0, le=MAX_CURSOR)] = 0,
                   limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> InstancePage:
     """What the job wrote: each SOP instance and where each store put it."""
     _job(store, job_id)
@@ -125,10 +135,12 @@ def _locations(raw: str) -> dict[str, str]:
 
 
 @router.delete("/{job_id}", response_model=JobRecord,
-               responses={409: {"description": "The job already finished."}})
-def cancel_job(job_id: str, store: StoreDep) -> JobRecord:
+               responses={**_NOT_FOUND, 409: {"description": "The job already finished."}})
+def cancel_job(job_id: str, store: StoreDep, config: ConfigDep, caller: CallerDep) -> JobRecord:
     """Cancel: a queued job at once; a running one is stopped with C-CANCEL by its worker."""
     job = _job(store, job_id)
     if job.status.is_final:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job already {job.status.value}")
-    return store.request_cancel(job_id)
+    job = store.request_cancel(job_id)
+    audit.record(config, "job.cancel", job, caller.name)
+    return job

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field
 
 from pacsfetch.api.deps import get_config
+from pacsfetch.api.schemas import MAX_CURSOR, MAX_OFFSET
 from pacsfetch.config import Config
 from pacsfetch.migrations import (
     MigrationNotFound,
@@ -103,7 +104,7 @@ def create_migration(request: MigrationRequest, response: Response, config: Conf
 
 
 @router.get("", response_model=MigrationPage)
-def list_migrations(store: StoreDep, offset: Annotated[int, Query(ge=0)] = 0,
+def list_migrations(store: StoreDep, offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
                     limit: Annotated[int, Query(ge=1, le=500)] = 50) -> MigrationPage:
     """Migrations, newest first."""
     items, total = store.list(offset, limit)
@@ -119,7 +120,7 @@ def get_migration(mig_id: str, store: StoreDep) -> MigrationRecord:
 @router.get("/{mig_id}/studies", response_model=StudyPage)
 def migration_studies(mig_id: str, store: StoreDep,
                       status_filter: Annotated[StudyState | None, Query(alias="status")] = None,
-                      cursor: Annotated[int, Query(ge=0)] = 0,
+                      cursor: Annotated[int, Query(ge=0, le=MAX_CURSOR)] = 0,
                       limit: Annotated[int, Query(ge=1, le=1000)] = 200) -> StudyPage:
     """The plan, one page at a time (follow `cursor` until it is 0). With `status`, a page
     may hold fewer studies than `limit`, even none, before the end."""

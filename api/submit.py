@@ -32,12 +32,12 @@ MAX_GROUP = 256
 """Submissions recorded and queued together at most; bounds one pipeline's size."""
 
 
-def record_and_enqueue(store: JobStore, celery: Celery,
-                       requests: list[JobRequest]) -> list[JobRecord]:
+def record_and_enqueue(store: JobStore, celery: Celery, requests: list[JobRequest],
+                       created_by: str | list[str | None] | None = None) -> list[JobRecord]:
     """Record jobs, then queue them; 503 when Redis or the queue refuses (and then the
-    records that were written say why)."""
+    records that were written say why). *created_by*: the caller's name, or one per job."""
     try:
-        records = store.create_many(requests)
+        records = store.create_many(requests, created_by=created_by)
     except redis.RedisError:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE,
                             "the job store (Redis) is unavailable") from None
@@ -56,6 +56,7 @@ def record_and_enqueue(store: JobStore, celery: Celery,
 @dataclass(slots=True)
 class _Pending:
     request: JobRequest
+    created_by: str | None
     future: asyncio.Future[JobRecord]
     loop: asyncio.AbstractEventLoop
 
@@ -83,12 +84,12 @@ class GroupCommit:
         except Exception as exc:  # Redis down at start: /healthz says so; submissions retry
             log.warning("could not reach Redis while starting", extra={"error": str(exc)})
 
-    async def submit(self, request: JobRequest) -> JobRecord:
+    async def submit(self, request: JobRequest, created_by: str | None = None) -> JobRecord:
         """The recorded job once it is on the queue; raises the 503 if the queue refused it."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[JobRecord] = loop.create_future()
         self._start()
-        self._waiting.put(_Pending(request, future, loop))
+        self._waiting.put(_Pending(request, created_by, future, loop))
         return await future
 
     def close(self) -> None:
@@ -127,7 +128,8 @@ class GroupCommit:
 
     def _commit(self, group: list[_Pending]) -> None:
         try:
-            records = record_and_enqueue(self._store, self._celery, [p.request for p in group])
+            records = record_and_enqueue(self._store, self._celery, [p.request for p in group],
+                                         [p.created_by for p in group])
         except BaseException as exc:  # every waiting request gets the error (the 503, usually)
             for pending in group:
                 pending.loop.call_soon_threadsafe(_settle, pending.future, None, exc)

@@ -8,6 +8,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 import click
@@ -410,3 +411,40 @@ from pacsfetch.cli_migrate import migrate, migration
 
 main.add_command(migrate)
 main.add_command(migration)
+
+
+@main.group()
+def token() -> None:
+    """Named API tokens with scopes (the file `[api] tokens_file` names; read at API start)."""
+
+
+@token.command("add")
+@click.argument("name")
+@click.option("--scopes", default="read", show_default=True,
+              help="Comma-separated: submit, read, admin (admin may do everything).")
+@click.option("--file", "path", type=click.Path(dir_okay=False, path_type=Path),
+              help="The tokens file (default: [api] tokens_file of the config).")
+def token_add(name: str, scopes: str, path: Path | None) -> None:
+    """Make a random token for NAME, store only its digest, print the token once."""
+    from pacsfetch.tokens import TokenError, add_token
+
+    path = path or _load().api.tokens_file
+    if path is None:
+        _fail("no tokens file: give --file, or set [api] tokens_file")
+    try:
+        secret = add_token(path, name, scopes)
+    except TokenError as exc:
+        _fail(str(exc))
+    console.print(f"added {name!r} to {path}; the token (shown only now):")
+    click.echo(secret)
+
+
+@token.command("hash")
+def token_hash() -> None:
+    """Read a token on standard input, print the digest a tokens file line holds."""
+    from pacsfetch.tokens import hash_token
+
+    secret = sys.stdin.readline().strip()
+    if not secret:
+        _fail("no token on standard input")
+    click.echo(hash_token(secret))

@@ -230,13 +230,55 @@ class ApiConfig(_Section):
 
     require_token: bool = Field(
         False,
-        description="Refuse to start unless PACSFETCH_API_TOKEN is set; callers then send it "
-        "as a bearer token.",
+        description="Refuse to start unless a token is configured (PACSFETCH_API_TOKEN, "
+        "PACSFETCH_API_TOKENS or tokens_file); callers then send one as a bearer token.",
     )
     echo_timeout: float = Field(15.0, gt=0)
     query_timeout: float = Field(
         60.0, gt=0, description="Seconds the API waits for a worker to answer a C-FIND query."
     )
+    max_body_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024,
+        description="Largest request body; a longer one is answered 413 without being read "
+        "(a full batch, 1,000 jobs with 100,000 SOP UIDs, is under 8 MiB).",
+    )
+    tokens_file: Path | None = Field(
+        None, description="File of named, hashed API tokens with their scopes (`pacsfetch "
+        "token add`); read at start.",
+    )
+
+    @field_validator("tokens_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value} is not a readable file")
+        return value
+
+
+class JobsConfig(_Section):
+    """How long job records live."""
+
+    retention_days: float = Field(
+        30, gt=0, description="Days a finished job (with its instance list) is kept in Redis.",
+    )
+
+
+class AuditConfig(_Section):
+    """The audit trail of who retrieved what (IHE ATNA in spirit): JSON lines, appended."""
+
+    path: Path | None = Field(
+        None, description="File each API and worker process appends audit events to; "
+        "unset: no audit trail.",
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _in_a_directory(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.parent.is_dir():
+            raise ValueError(f"{value.parent} is not a directory")
+        if value is not None and value.is_dir():
+            raise ValueError(f"{value} is a directory; name a file in it")
+        return value
 
 
 class WorkerConfig(_Section):
@@ -327,6 +369,8 @@ class Config(_Section):
     receiver: ReceiverConfig = ReceiverConfig()
     prefetch: PrefetchConfig = PrefetchConfig()
     hl7: Hl7Config = Hl7Config()
+    jobs: JobsConfig = JobsConfig()
+    audit: AuditConfig = AuditConfig()
     path: Path | None = Field(None, exclude=True, description="Where it was loaded from.")
 
 

@@ -9,19 +9,24 @@ Layout (``P`` is the key prefix, ``pacsfetch`` by default):
 
 - ``P:job:ID`` hash: ``request`` (JSON), ``status``, timestamps, ``p_*`` progress counters,
   ``transport``, ``transport_notes`` (JSON), ``attempts``, ``error``, ``error_kind``, ``cancel``,
-  ``waiting_for`` (while a running job waits for an association slot or a window), ``origin``;
+  ``waiting_for`` (while a running job waits for an association slot or a window), ``origin``,
+  ``created_by`` (the caller's token name, or the service's);
 - ``P:jobs:all`` and ``P:jobs:status:S`` sorted sets of job ids scored by creation time;
 - ``P:job:ID:instances`` hash SOP Instance UID -> where the stores put it (the record of what
   a job wrote, also what a retried job skips);
 - ``P:job:ID:lease`` the worker currently running the job, with a TTL;
 - ``P:jobs:active:SOURCE:STUDY:STORES`` the id of the queued or running study-level job
   for that work (``dedupe`` in its hash names the key; a final status removes it).
+
+A final status gives the job's hash and instance list a TTL of the retention
+(``[jobs] retention_days``): Redis drops them itself; :mod:`pacsfetch.retention` then removes
+their ids from the indexes.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -39,10 +44,15 @@ from pacsfetch.models import (
     TransportNote,
 )
 
+DEFAULT_RETENTION_DAYS = 30.0
+"""Days a finished job is kept (``[jobs] retention_days``)."""
+
 PROGRESS_FIELDS = ("completed", "failed", "warning", "remaining", "skipped", "bytes")
 
 # Atomically change a job's status if its current status is one of the allowed ones, keep
-# the per-status index in step, and set extra fields. Returns {changed, previous_status}.
+# the per-status index in step, and set extra fields. A final status sets the job and its
+# instance list to expire after the retention (ARGV[5] seconds); any other status keeps them.
+# KEYS: the job's hash, its instance list. Returns {changed, previous_status}.
 _TRANSITION = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if not cur then return {0, false} end
@@ -55,13 +65,18 @@ if cur ~= ARGV[1] then
   redis.call('ZADD', ARGV[3] .. ARGV[1], score, ARGV[4])
 end
 redis.call('HSET', KEYS[1], 'status', ARGV[1])
-for i = 5, #ARGV, 2 do
+for i = 6, #ARGV, 2 do
   if ARGV[i + 1] == '\\0' then redis.call('HDEL', KEYS[1], ARGV[i])
   else redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 if string.find(',%s,', ',' .. ARGV[1] .. ',', 1, true) then
   local dedupe = redis.call('HGET', KEYS[1], 'dedupe')
   if dedupe and redis.call('GET', dedupe) == ARGV[4] then redis.call('DEL', dedupe) end
+  redis.call('EXPIRE', KEYS[1], ARGV[5])
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+else
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
 end
 return {1, cur}
 """ % ",".join(sorted(s.value for s in FINAL_STATUSES))
@@ -128,17 +143,20 @@ class JobNotFound(KeyError):
 class JobStore:
     """All reads and writes of job state go through here."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "pacsfetch") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "pacsfetch",
+                 retention_days: float = DEFAULT_RETENTION_DAYS) -> None:
         self._r = client
         self._p = prefix
+        self.retention_seconds = max(1, round(retention_days * 86400))
         self._transition = client.register_script(_TRANSITION)
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
         self._create_or_join = client.register_script(_CREATE_OR_JOIN)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "pacsfetch") -> JobStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True), prefix)
+    def from_url(cls, url: str, prefix: str = "pacsfetch",
+                 retention_days: float = DEFAULT_RETENTION_DAYS) -> JobStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True), prefix, retention_days)
 
     # keys ---------------------------------------------------------------
     def _job(self, job_id: str) -> str:
@@ -163,15 +181,21 @@ class JobStore:
         return bool(self._r.ping())
 
     # creation and reading ---------------------------------------------------
-    def create_many(self, requests: Iterable[JobRequest], origin: str = "api") -> list[JobRecord]:
-        """Record new queued jobs in one round trip."""
+    def create_many(self, requests: Sequence[JobRequest], origin: str = "api",
+                    created_by: str | Sequence[str | None] | None = None) -> list[JobRecord]:
+        """Record new queued jobs in one round trip.
+
+        *created_by* names who asked (a token's name, a service's): one name for all, or
+        one per request."""
+        creators = ([created_by] * len(requests) if created_by is None or
+                    isinstance(created_by, str) else list(created_by))
         records = []
         pipe = self._r.pipeline(transaction=False)
-        for request in requests:
+        for request, creator in zip(requests, creators, strict=True):
             created = _now()
             record = JobRecord(
                 id=uuid.uuid4().hex, status=JobStatus.QUEUED, request=request, created_at=created,
-                origin=origin,
+                origin=origin, created_by=creator,
             )
             score = created.timestamp()
             pipe.hset(
@@ -183,6 +207,7 @@ class JobStore:
                     "created_ts": repr(score),
                     "attempts": 0,
                     "origin": origin,
+                    **({"created_by": creator} if creator else {}),
                 },
             )
             pipe.zadd(self._all, {record.id: score})
@@ -191,8 +216,14 @@ class JobStore:
         pipe.execute()
         return records
 
-    def create(self, request: JobRequest, origin: str = "api") -> JobRecord:
-        return self.create_many([request], origin)[0]
+    def create(self, request: JobRequest, origin: str = "api",
+               created_by: str | None = None) -> JobRecord:
+        return self.create_many([request], origin, created_by)[0]
+
+    def create_batch(self, requests: Sequence[JobRequest], origin: str = "api",
+                     created_by: str | Sequence[str | None] | None = None) -> list[JobRecord]:
+        """:meth:`create_many` under the name the other features call it by."""
+        return self.create_many(requests, origin, created_by)
 
     def _dedupe_key(self, request: JobRequest) -> str | None:
         if request.level is not Level.STUDY:
@@ -200,7 +231,8 @@ class JobStore:
         stores = ",".join(sorted(request.store_names))
         return f"{self._p}:jobs:active:{request.source}:{request.study_uid}:{stores}"
 
-    def create_or_join(self, request: JobRequest, origin: str = "api") -> JoinedJob:
+    def create_or_join(self, request: JobRequest, origin: str = "api",
+                       created_by: str | None = None) -> JoinedJob:
         """A new queued job, or the queued or running job that already retrieves the same
         study from the same source into the same stores (a second migration, a prefetch of
         a study a migration is moving, a repeated request): the work is done once.
@@ -212,12 +244,14 @@ class JobStore:
         """
         key = self._dedupe_key(request)
         if key is None:
-            return JoinedJob(self.create(request, origin), joined=False, requeue=False)
+            return JoinedJob(self.create(request, origin, created_by), joined=False,
+                             requeue=False)
         created = _now()
         job_id = uuid.uuid4().hex
         fields = {"request": request.model_dump_json(), "status": JobStatus.QUEUED.value,
                   "created_at": created.isoformat(), "created_ts": repr(created.timestamp()),
-                  "attempts": "0", "origin": origin, "dedupe": key}
+                  "attempts": "0", "origin": origin, "dedupe": key,
+                  **({"created_by": created_by} if created_by else {})}
         found = self._create_or_join(
             keys=[key, self._job(job_id), self._all, self._status_prefix + JobStatus.QUEUED.value],
             args=[job_id, f"{self._p}:job:", repr(created.timestamp()),
@@ -290,6 +324,7 @@ class JobStore:
             cancel_requested=data.get("cancel") == "1",
             waiting_for=data.get("waiting_for") or None,
             origin=data.get("origin") or "api",
+            created_by=data.get("created_by") or None,
         )
 
     # status changes ---------------------------------------------------------
@@ -317,10 +352,12 @@ class JobStore:
             ",".join(s.value for s in allowed_from),
             self._status_prefix,
             job_id,
+            str(self.retention_seconds),
         ]
         for name, value in fields.items():
             args += [name, _DELETE_FIELD if value is None else str(value)]
-        changed, previous = self._transition(keys=[self._job(job_id)], args=args)
+        changed, previous = self._transition(keys=[self._job(job_id), self._instances(job_id)],
+                                             args=args)
         return bool(changed), JobStatus(previous) if previous else None
 
     def set_fields(self, job_id: str, **fields: str | int) -> None:
@@ -373,6 +410,31 @@ class JobStore:
 
     def count_instances(self, job_id: str) -> int:
         return int(self._r.hlen(self._instances(job_id)))
+
+    # retention --------------------------------------------------------------
+    def prune_indexes(self, created_before: float, batch: int = 1000) -> int:
+        """Drop from the indexes the ids of jobs created before *created_before* (a Unix
+        time) whose records Redis has expired; returns how many. Only such old jobs can have
+        expired: a record outlives its creation by at least the retention."""
+        removed = 0
+        indexes = [self._all, *(self._status_prefix + s.value for s in FINAL_STATUSES)]
+        for index in indexes:
+            start = 0
+            while True:
+                ids = self._r.zrangebyscore(index, "-inf", created_before, start=start, num=batch)
+                if not ids:
+                    break
+                pipe = self._r.pipeline(transaction=False)
+                for job_id in ids:
+                    pipe.exists(self._job(job_id))
+                gone = [i for i, alive in zip(ids, pipe.execute(), strict=True) if not alive]
+                if gone:
+                    self._r.zrem(index, *gone)
+                    removed += len(gone)
+                start += len(ids) - len(gone)
+                if len(ids) < batch:
+                    break
+        return removed
 
     # leases -----------------------------------------------------------------
     def acquire_lease(self, job_id: str, owner: str, ttl_seconds: float) -> str:

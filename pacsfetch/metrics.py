@@ -169,6 +169,12 @@ RECEIVER_REFUSALS = Counter(
     ["reason"],
 )
 
+# --- audit trail (pacsfetch/audit.py) -----------------------------------------------------
+AUDIT_WRITE_FAILURES = Counter(
+    "pacsfetch_audit_write_failures",
+    "Audit events that could not be appended to [audit] path (full disk, permissions).",
+)
+
 
 class InstanceMeter:
     """The instance counters of one job attempt with one transport, labels bound once.

@@ -16,13 +16,17 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from pacsfetch.uids import check_uid
+from pacsfetch.uids import UID_MAX_LENGTH, UID_PATTERN, check_uid
 
-UID = Annotated[str, AfterValidator(check_uid)]
+UID = Annotated[str, AfterValidator(check_uid), WithJsonSchema({
+    "type": "string", "pattern": f"^{UID_PATTERN}$", "minLength": 3,
+    "maxLength": UID_MAX_LENGTH,
+    "description": "A DICOM UID: digits and dots, no leading zeros, at most 64 characters."})]
 
 BULK_ORIGINS = frozenset({"migration"})
 """Job origins whose work is bulk: it leaves reserved association slots to other work, keeps
@@ -61,7 +65,10 @@ FINAL_STATUSES = frozenset(
 class JobRequest(BaseModel):
     """What to retrieve, from where, into which store."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, json_schema_extra={
+        # The store/stores rule, stated for clients and schema-driven test tools.
+        "oneOf": [{"required": ["store"], "not": {"required": ["stores"]}},
+                  {"required": ["stores"], "not": {"required": ["store"]}}]})
 
     source: str = Field(min_length=1, description="Name of a `[sources.NAME]` section.")
     level: Level = Level.STUDY
@@ -165,4 +172,8 @@ class JobRecord(BaseModel):
     origin: str = Field(
         "api", description="What created the job: `api` (a caller), or a feature such as "
         "`migration` or `prefetch` (whose work is scheduled by priority and windows).",
+    )
+    created_by: str | None = Field(
+        None, description="Who created the job: the API token's name, or the service's "
+        "(`hl7-listener`, `scheduler`); `anonymous` while the API needs no token.",
     )

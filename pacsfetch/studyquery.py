@@ -14,9 +14,12 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from pacsfetch.uids import check_uid
+from pacsfetch.models import UID
 
-_DATE_RANGE = re.compile(r"^(\d{8})?(-)?(\d{8})?$")
+# ASCII digits only (``\d`` takes any script's: "٢٠٢٤٠١٠١" parsed as a date), and fullmatch
+# only ("$" passes a final newline).
+_DATE_RANGE = re.compile(r"([0-9]{8})?(-)?([0-9]{8})?")
+DATE_RANGE_PATTERN = r"^([0-9]{8}|[0-9]{8}-|-[0-9]{8}|[0-9]{8}-[0-9]{8})$"
 _EARLIEST = date(1900, 1, 1)
 
 
@@ -29,7 +32,7 @@ def _day(text: str) -> date:
 
 def date_bounds(value: str) -> tuple[date | None, date | None]:
     """``YYYYMMDD``, ``YYYYMMDD-``, ``-YYYYMMDD`` or ``YYYYMMDD-YYYYMMDD`` as (first, last)."""
-    match = _DATE_RANGE.match(value)
+    match = _DATE_RANGE.fullmatch(value)
     if not value or not match or value == "-":
         raise ValueError("must be YYYYMMDD, YYYYMMDD-, -YYYYMMDD or YYYYMMDD-YYYYMMDD")
     start, dash, end = match.groups()
@@ -73,9 +76,10 @@ class StudyQuery(BaseModel):
 
     PatientID: str | None = Field(None, min_length=1, max_length=64, pattern=_Text)
     StudyDate: Annotated[str, AfterValidator(_check_date_range)] | None = Field(
-        None, description="YYYYMMDD, or a range YYYYMMDD-YYYYMMDD (either end may be open).")
+        None, description="YYYYMMDD, or a range YYYYMMDD-YYYYMMDD (either end may be open).",
+        json_schema_extra={"pattern": DATE_RANGE_PATTERN})
     AccessionNumber: str | None = Field(None, min_length=1, max_length=16, pattern=_Text)
-    StudyInstanceUID: Annotated[str, AfterValidator(check_uid)] | None = None
+    StudyInstanceUID: UID | None = None
     ModalitiesInStudy: str | None = Field(None, pattern=r"^[A-Z0-9]{1,16}$")
     limit: int = Field(100, ge=1, le=10_000, description="At most this many studies, newest first.")
 

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import re
 
-_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
-_AE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII, no backslash
+# Used with ``fullmatch`` only: ``$`` would also match before a final newline, and a UID
+# with a trailing "\n" would pass into a path, an object key or a C-FIND identifier.
+UID_PATTERN = r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+"
+_UID_RE = re.compile(UID_PATTERN)
+_AE_RE = re.compile(r"[\x20-\x5b\x5d-\x7e]{1,16}")  # printable ASCII, no backslash
 
 UID_MAX_LENGTH = 64
 
@@ -21,7 +24,7 @@ def is_valid_uid(value: object) -> bool:
     return (
         isinstance(value, str)
         and 0 < len(value) <= UID_MAX_LENGTH
-        and _UID_RE.match(value) is not None
+        and _UID_RE.fullmatch(value) is not None
     )
 
 
@@ -38,6 +41,6 @@ def check_uid(value: object, what: str = "UID") -> str:
 
 def check_ae_title(value: object, what: str = "AE title") -> str:
     """Return the AE title stripped of padding, or raise ``ValueError`` naming *what*."""
-    if not isinstance(value, str) or not _AE_RE.match(value) or not value.strip():
+    if not isinstance(value, str) or not _AE_RE.fullmatch(value) or not value.strip():
         raise ValueError(f"{what} must be 1-16 printable ASCII characters without '\\', got {value!r}")
     return value.strip()

@@ -23,9 +23,11 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import redis
 
+from pacsfetch import retention
 from pacsfetch.config import Config
 
 log = logging.getLogger(__name__)
@@ -138,4 +140,5 @@ def build_duties(config: Config) -> list[Duty]:
     duties: list[Duty] = []
     duties.append(migration_duty(config))
     duties += prefetch_duties(config)
+    duties.append(Duty("retention", retention.SWEEP_INTERVAL, partial(retention.sweep, config)))
     return duties

@@ -17,6 +17,7 @@ from typing import Any
 
 from celery import Task
 
+from pacsfetch import audit
 from pacsfetch.errors import RetrieveError
 from pacsfetch.jobstore import JobNotFound, JobStore, encode_notes
 from pacsfetch.metrics import JOB_RETRIES, JOBS_IN_FLIGHT
@@ -40,7 +41,8 @@ def jobstore() -> JobStore:
     pid = os.getpid()
     if pid not in _stores:
         _stores.clear()
-        _stores[pid] = JobStore.from_url(config.broker.url)
+        _stores[pid] = JobStore.from_url(config.broker.url,
+                                         retention_days=config.jobs.retention_days)
     return _stores[pid]
 
 
@@ -125,6 +127,7 @@ def _attempt(task: Task, store: JobStore, job_id: str) -> bool:
     hooks = registry.hooks.hook
     hooks.pacsfetch_job_started(job=job, attempt=attempt)
     log.info("job started", extra={"job_id": job_id, "attempt": attempt, "source": job.request.source})
+    audit.record(config, "job.start", job, attempt=attempt)
     runner = JobRunner(config, registry, store_settings)
     try:
         with JOBS_IN_FLIGHT.labels(job.request.source).track_inprogress():
@@ -178,6 +181,7 @@ def _finish(store: JobStore, job_id: str, outcome: Outcome) -> None:
     log.info("job finished", extra={
         "job_id": job_id, "status": job.status.value, "completed": job.progress.completed,
         "failed": job.progress.failed, "bytes": job.progress.bytes})
+    audit.record(config, "job.finish", job)
     registry.hooks.hook.pacsfetch_job_finished(job=job)
 
 
