@@ -424,6 +424,40 @@ def _get_responses(assoc: Association, model: Context, msg_id: int, spool: Spool
                           cancel_sent)
 
 
+# ---- C-MOVE ------------------------------------------------------------------------------
+
+def c_move(assoc: Association, model: Context, identifier: Dataset, msg_id: int,
+           destination: str, *, pending: Callable[[dict[int, Any]], None],
+           cancelled: Callable[[], bool]) -> GetOutcome:
+    """One C-MOVE to *destination*: pending responses go to *pending* (sub-operation counts
+    for progress), a C-CANCEL is sent (once) when *cancelled* turns true; the final response
+    is returned.
+
+    The instances travel on another association, opened by the PACS, so nothing arrives
+    here but responses. A PACS that stays silent for the association's timeout raises
+    :class:`PeerTimeout` (the association is aborted): the caller decides what silence
+    means (see the C-MOVE transport).
+    """
+    assoc.send_message(model.id, m.c_move_rq(msg_id, model.abstract_syntax, destination),
+                       m.encode_identifier(identifier, model.transfer_syntax))
+    cancel_sent = False
+    while True:
+        _, command, data = assoc.receive_message()
+        field_ = command[m.COMMAND_FIELD]
+        if field_ != m.C_MOVE_RSP or command.get(m.RESPONDED_TO) != msg_id:
+            assoc.abort(provider_reason=2)
+            raise PeerViolation(f"unexpected command 0x{field_:04X} during a C-MOVE")
+        status = command.get(m.STATUS, 0xC000)
+        if status in PENDING:
+            pending(command)
+            if not cancel_sent and cancelled():
+                assoc.send_message(model.id, m.c_cancel_rq(msg_id))
+                cancel_sent = True
+            continue
+        return GetOutcome(status, command, _failed_uids(command, data, model.transfer_syntax),
+                          cancel_sent)
+
+
 def sub_operation_counts(command: dict[int, Any]) -> tuple[int | None, int, int, int]:
     """(remaining, completed, failed, warning) of a C-GET or C-MOVE response.
 

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom.association import Association
-from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
@@ -30,11 +28,14 @@ from pacsfetch.plugins.contracts import (
     RetrieveResult,
     Transport,
 )
-from pacsfetch.plugins.dimse.legacy import (
-    PENDING,
+from pacsfetch.plugins.dimse import messages as m
+from pacsfetch.plugins.dimse.association import Association, Context, DimseError, PeerTimeout
+from pacsfetch.plugins.dimse.services import (
+    QUERY_SYNTAXES,
     SubOperations,
     associate,
-    quiet_reactor,
+    c_move,
+    dimse_failure,
     status_hint,
     sub_operation_counts,
 )
@@ -48,7 +49,8 @@ from pacsfetch.plugins.transports.query import (
 
 log = logging.getLogger(__name__)
 
-MOVE_MODEL = StudyRootQueryRetrieveInformationModelMove
+MOVE_MODEL = "1.2.840.10008.5.1.4.1.2.2.2"
+"""Study Root Query/Retrieve Information Model - MOVE."""
 UNKNOWN_DESTINATION = 0xA801
 SETTLE_POLL = 0.05
 """Seconds between looks at the receiver's records while waiting for the last instances."""
@@ -131,16 +133,18 @@ class CMoveTransport:
         moves.plan(expected, found.capped_series if ctx.request.level is not Level.IMAGE
                    else frozenset())
         try:
-            assoc = associate(source, [build_context(MOVE_MODEL)], purpose="C-MOVE")
+            assoc = associate(source, [(MOVE_MODEL, QUERY_SYNTAXES)], purpose="C-MOVE",
+                              source_name=ctx.source_name)
             try:
+                model = assoc.context(MOVE_MODEL)
+                assert model is not None  # associate() fails when nothing was accepted
                 for identifier in move_identifiers(ctx, found):
-                    interrupted |= self._move(ctx, assoc, identifier, moves, counters, where,
-                                              destination)
+                    interrupted |= self._move(ctx, assoc, model, identifier, moves, counters,
+                                              where, destination)
                     if counters.cancelled:
                         break
             finally:
-                if assoc.is_established:
-                    assoc.release()
+                assoc.release()
             received = self._settle(moves, counters, source.timeout)
         finally:
             moves.withdraw()
@@ -155,38 +159,41 @@ class CMoveTransport:
             retry=interrupted,
         )
 
-    def _move(self, ctx: RetrieveContext, assoc: Association, identifier: Dataset,
-              moves: MoveTracker, counters: SubOperations, where: str, destination: str) -> bool:
+    def _move(self, ctx: RetrieveContext, assoc: Association, model: Context,
+              identifier: Dataset, moves: MoveTracker, counters: SubOperations, where: str,
+              destination: str) -> bool:
         """One C-MOVE: register it with the receiver, follow its responses; True when the
         PACS failed it after part of it arrived (a retry resumes)."""
         msg_id = moves.next_message_id()
         moves.expect(ctx.source.calling_ae_title, msg_id)
         base = (counters.completed, counters.failed, counters.warning)
-        cancel_sent = False
-        final_code: int | None = None
-        status: Dataset | None = None
         seen = base[0]
         received_before = moves.collect_now()
-        quiet_reactor(assoc)
-        for status, _ in assoc.send_c_move(identifier, destination, MOVE_MODEL, msg_id=msg_id):
-            code = getattr(status, "Status", None)
-            if code is None:
-                raise _silent_pacs(ctx.source.timeout, seen, moves.collect_now(), where,
-                                   destination)
-            remaining, completed, failed, warning = sub_operation_counts(status)
+
+        def pending(command: dict[int, Any]) -> None:
+            nonlocal seen
+            remaining, completed, failed, warning = sub_operation_counts(command)
             seen = base[0] + completed
             ctx.progress.peer_counts(remaining=remaining, completed=seen,
                                      failed=base[1] + failed, warning=base[2] + warning)
             moves.collect()
-            if code in PENDING:
-                if not cancel_sent and ctx.progress.cancelled():
-                    assoc.send_c_cancel(msg_id, query_model=MOVE_MODEL)
-                    cancel_sent = True
-                continue
-            final_code = code
-            counters.completed = base[0] + completed
-            counters.failed = base[1] + failed
-            counters.warning = base[2] + warning
+
+        try:
+            outcome = c_move(assoc, model, identifier, msg_id, destination, pending=pending,
+                             cancelled=ctx.progress.cancelled)
+        except PeerTimeout:
+            raise _silent_pacs(ctx.source.timeout, seen, moves.collect_now(), where,
+                               destination) from None
+        except DimseError as exc:
+            raise dimse_failure(exc, where, "the C-MOVE") from None
+        status = outcome.command
+        final_code = outcome.status
+        cancel_sent = outcome.cancel_sent
+        pending(status)
+        _, completed, failed, warning = sub_operation_counts(status)
+        counters.completed = base[0] + completed
+        counters.failed = base[1] + failed
+        counters.warning = base[2] + warning
         delivered = counters.completed + counters.warning - base[0] - base[2]
         if final_code == UNKNOWN_DESTINATION:
             raise RetrieveError(
@@ -201,7 +208,7 @@ class CMoveTransport:
                 arrived := moves.collect_now() - received_before):
             # Many PACS (Orthanc among them) answer an unknown destination and a refused
             # connection back with the same generic failure: name both causes.
-            comment = status.get("ErrorComment") if status is not None else None
+            comment = status.get(m.ERROR_COMMENT)
             raise RetrieveError(
                 ErrorKind.MOVE_DESTINATION,
                 f"{where} moved nothing to {destination!r} (status 0x{final_code:04X}"
@@ -214,7 +221,7 @@ class CMoveTransport:
         elif final_code not in (0x0000, 0xB000):
             # The PACS's failure answer may lack sub-operation counts (Orthanc's does): then
             # the receiver's records of this job say that part of the study arrived.
-            comment = status.get("ErrorComment") if status is not None else None
+            comment = status.get(m.ERROR_COMMENT)
             arrived = delivered or arrived
             counters.problem(
                 ErrorKind.PEER_STATUS,
