@@ -543,3 +543,29 @@ def c_store(assoc: Association, cx: Context, sop_instance: str, path: Path, msg_
         assoc.abort(provider_reason=2)
         raise PeerViolation(f"unexpected command 0x{command[m.COMMAND_FIELD]:04X} in answer "
                             "to a C-STORE")
+
+
+_STORE_STATUS_TEXT = {
+    0x0110: "Processing Failure", 0x0111: "Duplicate SOP Instance",
+    0x0117: "Invalid Object Instance", 0x0122: "Refused: SOP Class Not Supported",
+    0x0124: "Refused: Not Authorised", 0x0211: "Unrecognised Operation",
+    0x0212: "Mistyped Argument", 0x0213: "Resource Limitation",
+    0xB000: "Coercion of Data Elements", 0xB006: "Elements Discarded",
+    0xB007: "Data Set Does Not Match SOP Class",
+}
+
+
+def store_status_text(code: int) -> tuple[str, str]:
+    """(category, meaning) of a C-STORE status (PS3.4 Annex B, PS3.7 Annex C), to explain
+    a refusal: ``(Failure, Refused: Out of Resources)`` for 0xA7xx."""
+    if code == 0x0000:
+        return "Success", ""
+    if code in _STORE_STATUS_TEXT:
+        return ("Warning" if code >> 12 == 0xB else "Failure"), _STORE_STATUS_TEXT[code]
+    if code >> 8 == 0xA7:
+        return "Failure", "Refused: Out of Resources"
+    if code >> 8 == 0xA9:
+        return "Failure", "Error: Data Set Does Not Match SOP Class"
+    if code >> 12 == 0xC:
+        return "Failure", "Error: Cannot Understand"
+    return "Failure", "unknown"

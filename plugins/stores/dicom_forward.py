@@ -40,6 +40,7 @@ from pacsfetch.plugins.dimse.services import (
     MAX_PRESENTATION_CONTEXTS,
     associate,
     c_store,
+    store_status_text,
     uid_name,
 )
 from pacsfetch.plugins.stores.dicom_inventory import find_study_instances
@@ -144,9 +145,7 @@ class DicomForwardSession:
                 f"aborted the association, {SEND_ATTEMPTS} times; the instance was not stored",
             )
         if code not in SUCCESS_OR_WARNING:
-            from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS  # only to explain
-
-            category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("Failure", "unknown"))
+            category, meaning = store_status_text(code)
             comment = status.get(messages.ERROR_COMMENT)
             raise RetrieveError(
                 ErrorKind.STORE,
