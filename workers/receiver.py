@@ -371,7 +371,7 @@ class MoveReceiver:
             return self._tls.wrap_socket(conn, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             count_refusal(Refusal.TLS, address=address,
-                          error=getattr(exc, "reason", None) or type(exc).__name__)
+                          detail=f"TLS handshake failed: {exc}")
             _shut(conn, b"")
             return None
 
