@@ -113,8 +113,12 @@ class Fleet:
         worker = WorkerProcess(self.config_path, self.logs / f"worker{n}.log", 1)
         scheduler = SchedulerProcess(self.config_path, self.logs / f"scheduler{n}.log")
         self.procs = [api, worker, scheduler]
-        for proc in self.procs:
-            proc.wait_ready(60)
+        try:
+            for proc in self.procs:
+                proc.wait_ready(60)
+        except BaseException:
+            self.stop()  # a fleet that did not come up must not live on and take others' jobs
+            raise
 
     @property
     def url(self) -> str:
@@ -177,8 +181,8 @@ def test_killing_worker_api_scheduler_and_redis_mid_migration_changes_nothing(
         archive: list[ArchiveStudy]) -> None:
     path = write_toml(config_data(aof_redis, tmp_path, source, destination), tmp_path / "c.toml")
     fleet = Fleet(path, tmp_path)
-    fleet.start()
     try:
+        fleet.start()
         mig_id = migrate(fleet, "--max-in-flight", "3")
         wait_for(lambda: record(fleet, mig_id)["studies"]["done"] >= 8, 180,
                  what="a few studies done")
@@ -228,23 +232,20 @@ class ConnectionWatch(threading.Thread):
                    "RetrieveContext.gate for every association (issue 10); the feeder, the "
                    "planner and the verifications already keep to the window")
 def test_a_closing_window_stops_new_associations_and_the_migration_resumes(
-        tmp_path: Path, redis_server: RedisServer, source: Orthanc, destination: Orthanc,
+        tmp_path: Path, aof_redis: RedisServer, source: Orthanc, destination: Orthanc,
         archive: list[ArchiveStudy]) -> None:
-    redis_url = redis_server.url
-    import redis as redis_lib
-    redis_lib.Redis.from_url(redis_url).flushdb()
     now = datetime.now(UTC)
     closes = (now + timedelta(seconds=25)).replace(second=0, microsecond=0) + timedelta(minutes=1)
     opens = closes + timedelta(minutes=1)
     if opens.date() != closes.date() or closes.hour == 0 and closes.minute == 0:
         pytest.skip("the closed minute would cross midnight")
     windows = [f"daily 00:00-{closes:%H:%M}", f"daily {opens:%H:%M}-24:00"]
-    data = config_data(redis_server, tmp_path, source, destination, windows=windows)
+    data = config_data(aof_redis, tmp_path, source, destination, windows=windows)
     fleet = Fleet(write_toml(data, tmp_path / "c.toml"), tmp_path)
     watch = ConnectionWatch(source.dicom_port)
     watch.start()
-    fleet.start()
     try:
+        fleet.start()
         mig_id = migrate(fleet, "--max-in-flight", "4")
         waiting = wait_for(lambda: (r := record(fleet, mig_id))["status"] == "waiting-window"
                            and r, 150, what="the migration to wait for the window")
