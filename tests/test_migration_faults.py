@@ -208,10 +208,10 @@ class ConnectionWatch(threading.Thread):
         super().__init__(daemon=True)
         self.port = port
         self.seen: dict[int, datetime] = {}
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(0.1):
+        while not self._halt.wait(0.1):
             out = subprocess.run(["ss", "-tanH", f"dport = :{self.port}"], capture_output=True,
                                  text=True).stdout
             now = datetime.now(UTC)
@@ -223,7 +223,7 @@ class ConnectionWatch(threading.Thread):
                         self.seen.setdefault(int(local), now)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 
@@ -260,5 +260,5 @@ def test_a_closing_window_stops_new_associations_and_the_migration_resumes(
         assert not opened_while_closed, f"{len(opened_while_closed)} association(s) opened " \
             "while the window was closed"
     finally:
-        watch.stop()
         fleet.stop()
+        watch.stop()
