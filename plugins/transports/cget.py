@@ -478,7 +478,7 @@ class _Stripes:
                             spool_dir=self.ctx.sink.spool_dir, store=self.handler,
                             pending=pending, cancelled=self.cancelled)
         except DimseError as exc:
-            raise dimse_failure(exc, self.where, f"C-GET (after {counters.completed} "
+            raise dimse_failure(exc, self.where, f"C-GET (after {len(counters.received)} "
                                 "instance(s) this attempt; a retry resumes the job)") from None
         final_code = outcome.status
         _, completed, failed, warning = sub_operation_counts(outcome.command)
