@@ -49,7 +49,7 @@ def make_config(*, redis_url: str, store_root: Path, orthanc: Orthanc | None = N
         "worker": {"max_retries": 2, "retry_backoff": 0.2, "lease_seconds": 6,
                    "progress_interval": 0.1, **(worker or {})},
         "metrics": {"bind": "127.0.0.1", "worker_port": free_port(), "receiver_port": free_port(),
-                    **(metrics or {})},
+                    "hl7_port": free_port(), "scheduler_port": free_port(), **(metrics or {})},
     }
 
 
