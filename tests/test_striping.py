@@ -102,6 +102,24 @@ def test_cancel_stops_every_stripe(redis_url: str, tmp_path: Path, orthanc: Orth
     assert not list((tmp_path / "store").rglob("*.part"))
 
 
+@pytest.mark.parametrize("width", [1, 3])
+def test_dicomweb_runs_associations_per_job_requests_at_once(
+        redis_url: str, tmp_path: Path, orthanc: Orthanc, mixed_study: SampleStudy,
+        width: int) -> None:
+    with LatencyProxy("127.0.0.1", orthanc.http_port, rtt_ms=RTT_MS) as web:
+        config = parse_config(make_config(
+            redis_url=redis_url, store_root=tmp_path / "store", extra_sources={"web": {
+                "ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port,
+                "dicomweb_url": f"http://127.0.0.1:{web.port}/dicom-web",
+                "transports": ["dicomweb"], "associations_per_job": width}}))
+        outcome = run_job(config, JobRequest(source="web", study_uid=mixed_study.study_uid,
+                                             store="local"))
+        assert outcome.status is JobStatus.SUCCEEDED, outcome.error
+        assert stored(tmp_path / "store") == {i.sop_instance_uid for i in mixed_study.instances}
+        # Requests one after another never overlap at the server; striped ones do.
+        assert (web.peak == 1) if width == 1 else (2 <= web.peak <= width), web.peak
+
+
 @pytest.fixture(scope="module")
 def ten_studies(tmp_path_factory: pytest.TempPathFactory) -> list[SampleStudy]:
     root = tmp_path_factory.mktemp("ten")
