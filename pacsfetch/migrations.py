@@ -9,7 +9,7 @@ its job (see :mod:`pacsfetch.workers.migrate`).
 Layout (``P`` is the key prefix, ``pacsfetch`` by default), all of it plain Redis so that a
 migration survives the restart of any process and, with AOF, of Redis itself:
 
-- ``P:mig:ID`` hash: ``request`` (JSON), ``status``, ``created_at``, ``finished_at``,
+- ``P:mig:ID`` hash: ``request`` (JSON), ``status``, ``created_by``, ``created_at``, ``finished_at``,
   ``plan_done``, ``plan_cursor`` (where planning resumes), counters ``n:STATE`` (studies in
   each state), ``instances_planned``, ``instances_done``, ``instances_moved``,
   ``bytes_moved``, rate and ETA fields, ``paused``, ``cancel``, ``error``, ``waiting_until``;
@@ -21,7 +21,9 @@ migration survives the restart of any process and, with AOF, of Redis itself:
 - ``P:mig:ID:missing:STUDY`` list of the SOP Instance UIDs a verification found missing.
 
 Every change of a study's state is one Lua script that moves the study between counters,
-so the counts always add up to the plan, whatever crashed in between.
+so the counts always add up to the plan, whatever crashed in between. A finished migration's
+keys expire after ``[jobs] retention_days``, like a job's; the retention sweep then drops
+its id from ``P:migs``.
 """
 
 from __future__ import annotations
@@ -164,6 +166,7 @@ class MigrationRecord(BaseModel):
     id: str
     status: MigrationStatus
     request: MigrationRequest
+    created_by: str | None = Field(None, description="The API token's name (or `anonymous`).")
     created_at: datetime
     finished_at: datetime | None = None
     plan_complete: bool = Field(False, description="Planning has enumerated every study.")
@@ -284,16 +287,22 @@ def _now() -> datetime:
 class MigrationStore:
     """All reads and writes of migration state go through here (API and workers alike)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "pacsfetch") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "pacsfetch", *,
+                 retention_seconds: int | None = None) -> None:
+        """*retention_seconds*: how long a finished migration stays (``[jobs]
+        retention_days``); None keeps it (tools that only read)."""
         self._r = client
         self._p = prefix
+        self._retention = retention_seconds
         self._add = client.register_script(_ADD)
         self._take = client.register_script(_TAKE)
         self._set = client.register_script(_SET)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "pacsfetch") -> MigrationStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True), prefix)
+    def from_url(cls, url: str, prefix: str = "pacsfetch", *,
+                 retention_seconds: int | None = None) -> MigrationStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True), prefix,
+                   retention_seconds=retention_seconds)
 
     @property
     def client(self) -> redis.Redis:
@@ -312,12 +321,12 @@ class MigrationStore:
         return f"{self._p}:migs:active"
 
     # creation and reading ---------------------------------------------------------------
-    def create(self, request: MigrationRequest) -> MigrationRecord:
+    def create(self, request: MigrationRequest, created_by: str | None = None) -> MigrationRecord:
         mig_id = uuid.uuid4().hex
         created = _now()
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(self.key(mig_id), mapping={
-            "request": request.model_dump_json(by_alias=True),
+            "request": request.model_dump_json(by_alias=True), "created_by": created_by or "",
             "status": MigrationStatus.PLANNING.value, "created_at": created.isoformat(),
             "plan_done": "0", "limit": str(request.max_in_flight)})
         pipe.zadd(self._all, {mig_id: created.timestamp()})
@@ -366,6 +375,7 @@ class MigrationStore:
         return MigrationRecord(
             id=mig_id, status=status,
             request=MigrationRequest.model_validate_json(data["request"]),
+            created_by=data.get("created_by") or None,
             created_at=datetime.fromisoformat(data["created_at"]),
             finished_at=_time(data.get("finished_at")),
             plan_complete=data.get("plan_done") == "1", studies=counts,
@@ -449,6 +459,38 @@ class MigrationStore:
         pipe.hdel(self.key(mig_id), "waiting_until")
         pipe.srem(self._active, mig_id)
         pipe.execute()
+        if self._retention is not None:
+            self._expire(mig_id, self._retention)
+
+    def _keys(self, mig_id: str) -> Iterator[str]:
+        """Every key of a migration (the missing-UID lists of failed and mismatched studies
+        found by reading the plan once)."""
+        yield from (self.key(mig_id), self.key(mig_id, "studies"), self.key(mig_id, "queue"),
+                    self.key(mig_id, "inflight"))
+        for row in self.scan_studies(mig_id):
+            if row.state in (StudyState.MISMATCH, StudyState.FAILED):
+                yield self.key(mig_id, f"missing:{row.study_uid}")
+
+    def _expire(self, mig_id: str, seconds: int | None) -> None:
+        """Let every key of the migration expire after *seconds*; None keeps them again."""
+        pipe = self._r.pipeline(transaction=False)
+        for n, key in enumerate(self._keys(mig_id), 1):
+            pipe.expire(key, seconds) if seconds is not None else pipe.persist(key)
+            if n % 1000 == 0:
+                pipe.execute()
+        pipe.execute()
+
+    def prune_index(self) -> int:
+        """Drop the ids of expired migrations from the index; how many (retention sweep)."""
+        ids = self._r.zrange(self._all, 0, -1)
+        pipe = self._r.pipeline(transaction=False)
+        for mig_id in ids:
+            pipe.exists(self.key(mig_id))
+        gone = [i for i, present in zip(ids, pipe.execute(), strict=True) if not present]
+        if gone:
+            self._r.zrem(self._all, *gone)
+            self._r.srem(self._active, *gone)
+        return len(gone)
 
     # control ----------------------------------------------------------------------------
     def pause(self, mig_id: str, paused: bool) -> MigrationRecord:
@@ -475,6 +517,7 @@ class MigrationStore:
                                done_instances=-(row.instances_source or 0))
                 again += 1
         if again:
+            self._expire(mig_id, None)  # running again: kept until it finishes again
             pipe = self._r.pipeline(transaction=True)
             pipe.hset(self.key(mig_id), "status", MigrationStatus.RUNNING.value)
             pipe.hdel(self.key(mig_id), "finished_at", "error")
