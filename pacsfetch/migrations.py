@@ -40,13 +40,24 @@ from enum import StrEnum
 from typing import Annotated, Any, Self
 
 import redis
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from pacsfetch.models import UID
 from pacsfetch.studyquery import date_bounds
 
 MAX_LIST_FILTER = 100_000
 """Patient IDs, accession numbers or study UIDs one migration may list."""
+CSV_KEYS = {"patient_id": "patient_ids", "accession_number": "accession_numbers",
+            "study_uid": "study_uids"}
+"""A CSV column header -> the filter list it fills."""
 MAX_MISSING_RECORDED = 1000
 """Missing SOP Instance UIDs kept per mismatched study (the count is always exact)."""
 
@@ -96,6 +107,11 @@ class MigrationFilter(BaseModel):
         return f"{self.date_from or ''}-{self.date_to or ''}"
 
 
+_CSV_ITEM = {name: TypeAdapter(MigrationFilter.model_fields[name].annotation.__args__[0])
+             for name in CSV_KEYS.values()}
+"""One entry of each list filter, validated alone (for :func:`read_key_csv`)."""
+
+
 class MigrationRequest(BaseModel):
     """``POST /migrations``: from which source, into which stores, which studies."""
 
@@ -116,6 +132,68 @@ class MigrationRequest(BaseModel):
         if len(set(self.stores)) != len(self.stores):
             raise ValueError("stores lists a store twice")
         return self
+
+
+class CsvProblem(ValueError):
+    """A CSV list of studies that cannot be used; says where (1-based line, column)."""
+
+    def __init__(self, line: int, column: str | None, message: str) -> None:
+        where = f"line {line}" + (f", column {column}" if column else "")
+        super().__init__(f"{where}: {message}")
+        self.line, self.column, self.message = line, column, message
+
+
+def read_key_csv(text: str, key: str | None = None) -> tuple[str, list[str], list[int]]:
+    """The studies a CSV lists: (filter list name, values, the line of each value).
+
+    The first row names the column (``patient_id``, ``accession_number`` or ``study_uid``;
+    other columns are ignored); a file of one column without a header needs *key*. Blank
+    cells are skipped; each value is checked as the filter checks it, so a problem is
+    reported at its line and column rather than as an index into a list.
+    """
+    if key is not None and key not in CSV_KEYS:
+        raise CsvProblem(1, None, f"key must be one of {', '.join(CSV_KEYS)}")
+    try:
+        rows = list(csv.reader(io.StringIO(text.lstrip("\ufeff"), newline="")))
+    except csv.Error as exc:
+        raise CsvProblem(1, None, f"not CSV: {exc}") from None
+    if not rows:
+        raise CsvProblem(1, None, "the CSV is empty")
+    header = [cell.strip().lower() for cell in rows[0]]
+    known = [name for name in header if name in CSV_KEYS]
+    if known:
+        column = key or known[0]
+        if column not in header:
+            raise CsvProblem(1, None, f"no column {column!r} (columns: {', '.join(header)})")
+        index, first = header.index(column), 2
+    elif len(header) == 1 and key is not None:
+        column, index, first = key, 0, 1
+    else:
+        raise CsvProblem(1, None, "the first row must name the column: patient_id, "
+                         "accession_number or study_uid (or give key for a file of one "
+                         "column without a header)")
+    field = CSV_KEYS[column]
+    check = _CSV_ITEM[field]
+    values: list[str] = []
+    lines: list[int] = []
+    for line, row in enumerate(rows[first - 1:], first):
+        value = row[index].strip() if len(row) > index else ""
+        if not value:
+            continue
+        if "*" in value or "?" in value:
+            raise CsvProblem(line, column, f"{value[:80]!r} holds a C-FIND wildcard (* or ?): "
+                             "list exact values")
+        try:
+            check.validate_python(value)
+        except ValidationError as exc:
+            raise CsvProblem(line, column, f"{value[:80]!r}: {exc.errors()[0]['msg']}") from None
+        if len(values) == MAX_LIST_FILTER:
+            raise CsvProblem(line, column, f"more than {MAX_LIST_FILTER} entries")
+        values.append(value)
+        lines.append(line)
+    if not values:
+        raise CsvProblem(first, column, "no values in the column")
+    return field, values, lines
 
 
 class MigrationStatus(StrEnum):

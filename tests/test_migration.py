@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from pacsfetch.migrations import MigrationStatus, MigrationStore
 from pacsfetch.models import Level
 from pacsfetch.sandbox.archive import ArchiveStudy, generate_archive
 from pacsfetch.sandbox.peers import Orthanc, S3Server
+from pacsfetch.tokens import add_token
 from pacsfetch.workers.migrate import MigrationFeeder
 
 CAP = 5
@@ -220,3 +222,64 @@ def test_bad_input_names_the_field(config: Config) -> None:
         assert response.status_code == 422, body
         assert response.json()["detail"][0]["loc"] == loc
     assert client.get("/migrations/nope").status_code == 404
+
+
+def test_csv_upload_admin_scope_creator_and_audit(config_data: dict[str, Any],
+                                                  tmp_path: Path) -> None:
+    """Creating and steering a migration takes `admin`; the record names the token; a CSV
+    body lists the studies and a bad cell is answered naming its line and column; creating
+    and cancelling are audited without the listed patient IDs."""
+    tokens = tmp_path / "tokens"
+    ris, ops = add_token(tokens, "ris", "submit,read"), add_token(tokens, "ops", "admin")
+    config_data["api"] = {"tokens_file": str(tokens)}
+    config_data["audit"] = {"path": str(tmp_path / "audit.jsonl")}
+    app = create_app(parse_config(config_data))
+    as_ris = TestClient(app, headers={"Authorization": f"Bearer {ris}"})
+    as_ops = TestClient(app, headers={"Authorization": f"Bearer {ops}"})
+    body = {"source": "old", "stores": ["local"], "filter": {"from": "20200101"}}
+
+    refused = as_ris.post("/migrations", json=body)
+    assert refused.status_code == 403 and "'admin'" in refused.json()["detail"]
+    created = as_ops.post("/migrations", json=body)
+    assert created.status_code == 202, created.text
+    assert as_ris.get(created.headers["Location"]).json()["created_by"] == "ops"
+    assert as_ris.delete(created.headers["Location"]).status_code == 403
+    assert as_ops.delete(created.headers["Location"]).json()["status"] == "cancelled"
+
+    params = {"source": "old", "store": ["local", "new"], "modality": ["CT"]}
+    csv_text = "patient_id,note\nP-MIG-SECRET-1,first\n\nP-MIG-SECRET-2,second\n"
+    upload = as_ops.post("/migrations/csv", params=params, content=csv_text,
+                         headers={"Content-Type": "text/csv"})
+    assert upload.status_code == 202, upload.text
+    shown = as_ops.get(upload.headers["Location"]).json()
+    assert shown["request"]["stores"] == ["local", "new"]
+    assert shown["request"]["filter"]["patient_ids"] == ["P-MIG-SECRET-1", "P-MIG-SECRET-2"]
+    assert shown["request"]["filter"]["modalities"] == ["CT"]
+    assert as_ris.post("/migrations/csv", params=params, content=csv_text).status_code == 403
+
+    for text, key, loc, says in [
+            ("study_uid\n1.2.3\n1.2.x4\n", None, ["body", 3, "study_uid"], "line 3, column "
+             "study_uid: '1.2.x4': Value error, UID must be a DICOM UID"),
+            ("accession_number\nA1\nA*\n", None, ["body", 3, "accession_number"],
+             "line 3, column accession_number: 'A*' holds a C-FIND wildcard"),
+            ("1.2.3\n", None, ["body", 1], "line 1: the first row must name the column"),
+            ("study_uid\n\n", None, ["body", 2, "study_uid"], "line 2, column study_uid: no "
+             "values"),
+            ("1.2.3\n", "study_uid", ["query", "store"], "")]:
+        query = {**params, **({"key": key} if key else {})}
+        if loc[0] == "query":
+            query["store"] = ["local", "nowhere"]
+        answer = as_ops.post("/migrations/csv", params=query, content=text)
+        assert answer.status_code == 422, (text, answer.text)
+        detail = answer.json()["detail"][0]
+        assert detail["loc"][:len(loc)] == loc and detail["msg"].startswith(says), detail
+    one_column = as_ops.post("/migrations/csv", params={**params, "key": "study_uid"},
+                             content="1.2.3\n1.2.4\n")
+    assert one_column.status_code == 202, one_column.text
+
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["caller"]) for e in events] == [
+        ("migration.create", "ops"), ("migration.cancel", "ops"), ("migration.create", "ops"),
+        ("migration.create", "ops")]
+    assert events[2]["filter"]["patient_ids"] == 2 and events[2]["stores"] == ["local", "new"]
+    assert "SECRET" not in (tmp_path / "audit.jsonl").read_text()

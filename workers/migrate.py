@@ -28,6 +28,7 @@ from datetime import datetime
 import redis
 from celery import Celery
 
+from pacsfetch import retention
 from pacsfetch.config import Config
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.gate import AssociationGate, process_gate
@@ -44,6 +45,7 @@ from pacsfetch.plugins.registry import Registry, get_registry
 from pacsfetch.plugins.stores.dicom_inventory import find_study_instances
 from pacsfetch.pushback import Pace
 from pacsfetch.queue import enqueue_retrieves, make_celery
+from pacsfetch.retention import retention_seconds
 from pacsfetch.workers.inventory import missing_from, study_inventory
 from pacsfetch.workers.planner import run_planning
 from pacsfetch.workers.scheduler import Duty
@@ -71,8 +73,9 @@ class MigrationFeeder:
                  gate: AssociationGate | None = None, registry: Registry | None = None,
                  threads: int = THREADS) -> None:
         self.config = config
-        self.store = store or MigrationStore.from_url(config.broker.url)
-        self.jobs = jobs or JobStore.from_url(config.broker.url)
+        self.store = store or MigrationStore.from_url(
+            config.broker.url, retention_seconds=retention_seconds(config))
+        self.jobs = jobs or retention.jobstore(config)
         self.celery = celery or make_celery(config)
         self.gate = gate or process_gate(config)
         self.registry = registry or get_registry()
@@ -249,7 +252,8 @@ class MigrationFeeder:
         job = JobRequest(source=request.source, study_uid=uid, stores=request.stores,
                          level=Level.IMAGE if sop_uids else Level.STUDY, sop_uids=sop_uids,
                          transport=request.transport, priority=request.priority)
-        joined = self.jobs.create_or_join(job, origin="migration")
+        created_by = self.store.client.hget(self.store.key(mig_id), "created_by") or None
+        joined = self.jobs.create_or_join(job, origin="migration", created_by=created_by)
         if not joined.joined or joined.requeue:
             enqueue_retrieves(self.celery, [(joined.record.id, joined.record.request.priority)])
         running = StudyRow(uid, StudyState.RUNNING, row.study_date, row.instances_source,
