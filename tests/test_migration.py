@@ -19,11 +19,18 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from helpers import CALLING_AE, WorkerProcess, make_config, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from pacsfetch.api.app import create_app
 from pacsfetch.config import Config, parse_config
 from pacsfetch.jobstore import JobStore
-from pacsfetch.migrations import MigrationStatus, MigrationStore
+from pacsfetch.migrations import (
+    MigrationRequest,
+    MigrationStatus,
+    MigrationStore,
+    StudyRow,
+    StudyState,
+)
 from pacsfetch.models import Level
 from pacsfetch.sandbox.archive import ArchiveStudy, generate_archive
 from pacsfetch.sandbox.peers import Orthanc, S3Server
@@ -192,7 +199,6 @@ def test_an_archive_migrates_whole_and_verified_then_a_rerun_skips_it(
 def test_planning_splits_capped_windows_and_honours_the_filter(
         config: Config, archive: list[ArchiveStudy]) -> None:
     from pacsfetch.gate import process_gate
-    from pacsfetch.migrations import MigrationRequest
     from pacsfetch.workers.planner import run_planning
 
     store = MigrationStore.from_url(config.broker.url)
@@ -283,3 +289,36 @@ def test_csv_upload_admin_scope_creator_and_audit(config_data: dict[str, Any],
         ("migration.create", "ops")]
     assert events[2]["filter"]["patient_ids"] == 2 and events[2]["stores"] == ["local", "new"]
     assert "SECRET" not in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_metrics_show_studies_by_state_instances_bytes_and_eta_per_source(
+        config: Config) -> None:
+    """Read at scrape time from the records, labelled by configured source and state only."""
+    store = MigrationStore.from_url(config.broker.url)
+    running = store.create(MigrationRequest(source="old", stores=["local"]), "ops")
+    uids = [f"1.2.826.0.1.3680043.8.498.77{n}" for n in range(3)]
+    store.add_studies(running.id, [StudyRow(uid, StudyState.PLANNED, "20200101", 4)
+                                   for uid in uids])
+    store.take(running.id, 2)
+    store.set_study(running.id, StudyRow(uids[0], StudyState.VERIFIED, "20200101", 4, 4),
+                    moved=4, moved_bytes=4_000_000, done_instances=4)
+    store.set_study(running.id, StudyRow(uids[1], StudyState.RUNNING, "20200101", 4))
+    store.set_fields(running.id, eta=120.0)
+    done = store.create(MigrationRequest(source="old", stores=["local"]), "ops")
+    store.finish(done.id, MigrationStatus.SUCCEEDED)
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(
+                   TestClient(create_app(config)).get("/metrics").text)
+               for s in family.samples if "migration" in s.name}
+    src = (("source", "old"),)
+    assert samples[("pacsfetch_migration_studies", (*src, ("state", "verified")))] == 1
+    assert samples[("pacsfetch_migration_studies", (*src, ("state", "running")))] == 1
+    assert samples[("pacsfetch_migration_studies", (*src, ("state", "planned")))] == 1
+    assert samples[("pacsfetch_migration_instances_planned", src)] == 12
+    assert samples[("pacsfetch_migration_instances_moved", src)] == 4
+    assert samples[("pacsfetch_migration_bytes_moved", src)] == 4_000_000
+    assert samples[("pacsfetch_migration_eta_seconds", src)] == 120
+    assert samples[("pacsfetch_migrations", (("status", "succeeded"),))] == 1
+    assert samples[("pacsfetch_migrations", (("status", "planning"),))] == 1
+    assert not any(uid in str(key) for key in samples for uid in uids)
