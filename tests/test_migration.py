@@ -12,6 +12,7 @@ import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from pacsfetch.models import Level
 from pacsfetch.sandbox.archive import ArchiveStudy, generate_archive
 from pacsfetch.sandbox.peers import Orthanc, S3Server
 from pacsfetch.tokens import add_token
-from pacsfetch.workers.migrate import MigrationFeeder
+from pacsfetch.workers.migrate import MigrationFeeder, next_feed_at
 
 CAP = 5
 STUDIES = 24
@@ -322,3 +323,54 @@ def test_metrics_show_studies_by_state_instances_bytes_and_eta_per_source(
     assert samples[("pacsfetch_migrations", (("status", "succeeded"),))] == 1
     assert samples[("pacsfetch_migrations", (("status", "planning"),))] == 1
     assert not any(uid in str(key) for key in samples for uid in uids)
+
+
+def test_feeding_stops_before_a_window_closes_and_keeps_under_the_rate_cap(
+        config_data: dict[str, Any]) -> None:
+    """No study is fed in the last seconds of a window; closed, the migration waits showing
+    the next opening; with max_mb_per_second, the bytes moved hold the next study back."""
+    config_data["sources"]["old"].update(windows=["Mon-Fri 07:00-19:00"], max_mb_per_second=1)
+    config = parse_config(config_data)
+    store = MigrationStore.from_url(config.broker.url)
+    mig = store.create(MigrationRequest(source="old", stores=["local"], max_in_flight=1), "ops")
+    uids = [f"1.2.826.0.1.3680043.8.498.88{n}" for n in range(3)]
+    store.add_studies(mig.id, [StudyRow(uid, StudyState.PLANNED, "20200101", 2) for uid in uids])
+    store.finish_planning(mig.id)
+    monday = datetime(2026, 6, 1, tzinfo=UTC)
+    feeder = MigrationFeeder(config)
+    try:
+        feeder.tick(monday.replace(hour=18, minute=59, second=55))  # closes in 5 s
+        assert store.queued(mig.id) == 3 and store.inflight(mig.id) == {}
+        assert store.get(mig.id).status is MigrationStatus.RUNNING
+
+        feeder.tick(monday.replace(hour=19, minute=0, second=30))
+        waiting = store.get(mig.id)
+        assert waiting.status is MigrationStatus.WAITING_WINDOW
+        assert waiting.waiting_until == datetime(2026, 6, 2, 7, tzinfo=UTC)
+        assert store.queued(mig.id) == 3
+
+        feeder.tick(monday.replace(hour=18))  # an hour before closing: one study goes
+        wait_for(lambda: not feeder.busy(), 30, 0.1, "the study check")
+        assert store.queued(mig.id) == 2
+        (first,) = store.inflight(mig.id)
+        job_id = store.inflight(mig.id)[first]
+        # Two studies of 4 MB ended together: at 1 MB/s the second one's 4 s are still to
+        # come (the first took its own time already), so the next study waits 4 s.
+        at = monday.replace(hour=18, second=10)
+        for _ in range(2):
+            feeder.moved(mig.id, store.get(mig.id).request, 4_000_000, now=at.timestamp())
+        store.set_study(mig.id, StudyRow(first, StudyState.VERIFIED, "20200101", 2, 2, job_id))
+        feeder.tick(at + timedelta(seconds=2))
+        assert store.queued(mig.id) == 2 and store.inflight(mig.id) == {}
+        feeder.tick(at + timedelta(seconds=4.5))
+        wait_for(lambda: not feeder.busy(), 30, 0.1, "the study check")
+        assert store.queued(mig.id) == 1
+    finally:
+        feeder.close()
+
+
+def test_next_feed_at_keeps_the_average_under_the_cap() -> None:
+    assert next_feed_at(0, 100, 5_000_000, 1) == 100  # idle before: it took its own time
+    assert next_feed_at(100, 100, 5_000_000, 1) == 105  # a second at once: it adds its 5 s
+    assert next_feed_at(105, 101, 5_000_000, 1) == 110  # in parallel: they add up
+    assert next_feed_at(100, 100, 5_000_000, 10) == 100.5
