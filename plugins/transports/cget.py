@@ -65,6 +65,7 @@ from pacsfetch.plugins.transports.query import (
     retrieve_identifier,
 )
 from pacsfetch.plugins.transports.sopclasses import candidate_classes
+from pacsfetch.pushback import retrieve_pushback
 
 log = logging.getLogger(__name__)
 
@@ -293,6 +294,9 @@ def _run_gets(
         if final_code == 0xFE00 or outcome.cancel_sent:
             counters.cancelled = True
             return
+        busy = retrieve_pushback(where, "C-GET", final_code, completed + warning, 0)
+        if busy is not None and not tentative:
+            raise busy  # out of resources before sending any: retry later, more slowly
         if final_code not in (0x0000, 0xB000) and not tentative:
             counters.problem(
                 ErrorKind.PEER_STATUS,
