@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.gate import GateCancelled
 from pacsfetch.models import Level
 from pacsfetch.plugins.contracts import (
     MoveTracker,
@@ -123,28 +124,26 @@ class CMoveTransport:
         if ctx.moves is None:
             raise RetrieveError(ErrorKind.CONFIG, "C-MOVE needs the broker (Redis) that "
                                 "connects workers with `pacsfetch receiver`")
-        found = find_instances(source, ctx.request)
-        inventory = found.refs
-        expected = frozenset(r.sop_instance_uid for r in inventory)
+        assert ctx.gate is not None  # RetrieveContext builds one when none is given
         counters = SubOperations()
-        interrupted = False
         moves = ctx.moves
-        # The receiver accepts only what this plan allows (see workers/receiver_policy).
-        moves.plan(expected, found.capped_series if ctx.request.level is not Level.IMAGE
-                   else frozenset())
         try:
-            assoc = associate(source, [(MOVE_MODEL, QUERY_SYNTAXES)], purpose="C-MOVE",
-                              source_name=ctx.source_name)
-            try:
-                model = assoc.context(MOVE_MODEL)
-                assert model is not None  # associate() fails when nothing was accepted
-                for identifier in move_identifiers(ctx, found):
-                    interrupted |= self._move(ctx, assoc, model, identifier, moves, counters,
-                                              where, destination)
-                    if counters.cancelled:
-                        break
-            finally:
-                assoc.release()
+            # One slot of the source's max_associations, for the planning C-FIND and then
+            # the C-MOVE association (one after the other); not held while settling.
+            with ctx.gate.acquire():
+                found = find_instances(source, ctx.request)
+                expected = frozenset(r.sop_instance_uid for r in found.refs)
+                # The receiver accepts only what this plan allows (workers/receiver_policy).
+                moves.plan(expected, found.capped_series
+                           if ctx.request.level is not Level.IMAGE else frozenset())
+                try:
+                    interrupted = self._moves(ctx, found, moves, counters, where, destination)
+                except BaseException:
+                    moves.withdraw()
+                    raise
+        except GateCancelled:
+            return RetrieveResult(expected=None, cancelled=True)
+        try:
             received = self._settle(moves, counters, source.timeout)
         finally:
             moves.withdraw()
@@ -158,6 +157,24 @@ class CMoveTransport:
             cancelled=counters.cancelled,
             retry=interrupted,
         )
+
+    def _moves(self, ctx: RetrieveContext, found: Inventory, moves: MoveTracker,
+               counters: SubOperations, where: str, destination: str) -> bool:
+        """The job's C-MOVEs on one association; True when one failed part-way."""
+        interrupted = False
+        assoc = associate(ctx.source, [(MOVE_MODEL, QUERY_SYNTAXES)], purpose="C-MOVE",
+                          source_name=ctx.source_name)
+        try:
+            model = assoc.context(MOVE_MODEL)
+            assert model is not None  # associate() fails when nothing was accepted
+            for identifier in move_identifiers(ctx, found):
+                interrupted |= self._move(ctx, assoc, model, identifier, moves, counters,
+                                          where, destination)
+                if counters.cancelled:
+                    break
+        finally:
+            assoc.release()
+        return interrupted
 
     def _move(self, ctx: RetrieveContext, assoc: Association, model: Context,
               identifier: Dataset, moves: MoveTracker, counters: SubOperations, where: str,
