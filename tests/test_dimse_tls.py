@@ -239,3 +239,22 @@ def test_receiver_refuses_and_counts_failed_handshakes(
         assert answer == b""
     assert refusals(settings).get("tls", 0) - before == 3
     assert "handshake" in receiver.log_path.read_text()
+
+
+def test_forward_store_over_tls(settings: dict[str, Any], certs: Certificates,
+                                study: SampleStudy, pacs: Orthanc, tmp_path: Path) -> None:
+    """C-GET over TLS, forwarded by C-STORE over TLS into a second TLS Orthanc."""
+    with Orthanc(tmp_path / "archive", aet="TLSARCHIVE", dicomweb=False, extra_config={
+            "DicomTlsEnabled": True, "DicomTlsCertificate": str(certs.pacs.cert),
+            "DicomTlsPrivateKey": str(certs.pacs.key),
+            "DicomTlsTrustedCertificates": str(certs.ca.cert),
+            "DicomTlsRemoteCertificateRequired": True}) as archive:
+        tls = settings["sources"]["orthanc"]["tls"]
+        settings = {**settings, "stores": {"archive": {
+            "plugin": "dicom", "ae_title": archive.aet, "host": "127.0.0.1",
+            "port": archive.dicom_port, "calling_ae_title": CALLING_AE, "tls": tls}}}
+        outcome = run_job(parse_config(settings),
+                          JobRequest(source="orthanc", study_uid=study.study_uid,
+                                     store="archive", transport="c-get"))
+        assert outcome.status is JobStatus.SUCCEEDED, outcome.error
+        assert archive.instance_count() == len(study.instances)
