@@ -8,6 +8,7 @@ middle of a data set. Each ends cleanly and the receiver goes on serving.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import time
@@ -111,6 +112,30 @@ def test_storescu_in_4_kb_pdus_is_stored_byte_for_byte(
         assert content_digest(kept) == content_digest(instance.path)
     assert receiver.stats.verdicts.get("stored") == len(study.instances)
     assert not spooled(receiver)
+
+
+def test_a_nagle_on_sender_is_not_held_by_delayed_acks(
+        config: Config, receiver: MoveReceiver, tmp_path: Path) -> None:
+    """DCMTK writes a PDU's headers and its body in two writes; with Nagle's algorithm on (its
+    default) the body waits for our ACK of the headers, which Linux delays up to 40 ms
+    unless the receiver acknowledges at once. 100 instances then took over 4 s (21/s
+    measured); acknowledged at once they take well under one."""
+    many = generate_uniform_study(tmp_path / "many", n_instances=100, rows=8, columns=8,
+                                  patient_id="PF-NAGLE", seed=221)
+    book, job_id = expect(config, many)
+    try:
+        started = time.monotonic()
+        done = subprocess.run(
+            ["/usr/bin/storescu", "-aet", PACS_AE, "-aec", RECEIVER_AE, "127.0.0.1",
+             str(config.receiver.port), *(str(i.path) for i in many.instances)],
+            capture_output=True, text=True, timeout=60,
+            env={**os.environ, "TCP_NODELAY": "0"})
+        elapsed = time.monotonic() - started
+        assert done.returncode == 0, done.stderr
+    finally:
+        book.withdraw(job_id)
+    assert receiver.stats.verdicts.get("stored") == len(many.instances)
+    assert elapsed < 2.5, f"100 instances from a Nagle-on sender took {elapsed:.1f} s"
 
 
 def test_echo_and_release(receiver: MoveReceiver, config: Config) -> None:

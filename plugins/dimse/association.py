@@ -221,6 +221,10 @@ class Association:
                 self.close()
                 raise PeerClosed("the peer closed the connection")
             pdu_type, length = self.ul.header(header)
+            # Many senders (DCMTK, so Orthanc and most archives) write a P-DATA PDU's
+            # headers and its body in two writes: with Nagle on, the body waits for our ACK
+            # of the headers, which Linux delays by up to 40 ms unless told otherwise.
+            self.quick_ack()
             body = self.reader.read(length) if length else b""
             if len(body) < length:
                 self.close()
