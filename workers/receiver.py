@@ -12,10 +12,11 @@ and association; instances no running job claims are refused, never written.
 The server runs on the project's DIMSE engine (:mod:`pacsfetch.plugins.dimse`): one
 thread blocks in ``accept``, and each admitted connection gets a thread of its own that
 owns the association from the A-ASSOCIATE-RQ to the close. Data sets go fragment by
-fragment from the socket into a spool file (:func:`~pacsfetch.plugins.dimse.services.receive_store`),
-as for C-GET. Timeouts are deadlines on the blocking reads: ARTIM for a peer that connects
-and says nothing, ``[receiver] idle_timeout`` for one that sends no data sets. With
-``[receiver.tls]`` every accepted connection is wrapped in TLS before any DICOM is read.
+fragment from the socket into a spool file
+(:func:`~pacsfetch.plugins.dimse.services.receive_store`), as for C-GET. Timeouts are
+deadlines on the blocking reads: ARTIM for a peer that connects and says nothing,
+``[receiver] idle_timeout`` for one that sends no data sets. With ``[receiver.tls]`` every
+accepted connection is wrapped in TLS before any DICOM is read.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from pacsfetch.plugins.dimse.services import (
     STORE_STATUS,
     VERIFICATION,
     Spool,
+    StoreHandler,
     receive_store,
 )
 from pacsfetch.plugins.dimse.tls import server_context
@@ -194,6 +196,7 @@ class _Inbound:
     sessions: list[StoreSession] = field(default_factory=list)
     plans: dict[str, Plan | None] = field(default_factory=dict)
     command: dict[int, Any] = field(default_factory=dict)
+
 
 @dataclass
 class ReceiverStats:
@@ -477,7 +480,7 @@ class MoveReceiver:
             session.close()
 
     # instances ----------------------------------------------------------------
-    def _store_handler(self, inbound: _Inbound) -> Any:
+    def _store_handler(self, inbound: _Inbound) -> StoreHandler:
         """The C-STORE sink of one association: (spool path, SOP class, SOP instance) ->
         status. The path is the pipeline's (or removed) once it returns."""
 
