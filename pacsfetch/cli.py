@@ -199,6 +199,8 @@ def receiver() -> None:
         MoveReceiver(config, registry, settings, MoveBook.from_url(config.broker.url)).serve_forever()
     except KeyboardInterrupt:
         pass
+    except ConfigError as exc:
+        _fail(f"configuration error in {exc}")
     except OSError as exc:
         _fail(f"cannot listen on {config.receiver.bind}:{config.receiver.port}: {exc}", 1)
 

@@ -26,10 +26,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 from helpers import CALLING_AE, ReceiverProcess, make_config, run_job, write_toml
 
-from pacsfetch.config import parse_config
+from pacsfetch.config import ConfigError, parse_config
 from pacsfetch.models import JobRequest, JobStatus
+from pacsfetch.moves import MoveBook
+from pacsfetch.plugins.registry import get_registry
 from pacsfetch.sandbox.peers import Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.samples import SampleStudy, generate_uniform_study
+from pacsfetch.workers.receiver import MoveReceiver
 
 RECEIVER_AE = "PACSFETCH"
 
@@ -258,3 +261,16 @@ def test_forward_store_over_tls(settings: dict[str, Any], certs: Certificates,
                                      store="archive", transport="c-get"))
         assert outcome.status is JobStatus.SUCCEEDED, outcome.error
         assert archive.instance_count() == len(study.instances)
+
+
+def test_receiver_with_a_key_not_matching_its_certificate_refuses_to_start(
+        settings: dict[str, Any], certs: Certificates) -> None:
+    broken = {**settings, "receiver": {**settings["receiver"], "port": free_port(), "tls": {
+        "cert_file": str(certs.receiver.cert), "key_file": str(certs.client.key)}}}
+    config = parse_config(broken)
+    registry = get_registry()
+    receiver = MoveReceiver(config, registry, registry.check_config(config),
+                            MoveBook.from_url(config.broker.url))
+    with pytest.raises(ConfigError, match=r"^receiver\.tls: cannot load"):
+        receiver.start()
+    receiver.stop()

@@ -37,7 +37,7 @@ from pydantic import BaseModel
 from pydicom._uid_dict import UID_dictionary
 from pydicom.uid import AllTransferSyntaxes
 
-from pacsfetch.config import Config
+from pacsfetch.config import Config, ConfigError
 from pacsfetch.metrics import INSTANCE_FAILURES
 from pacsfetch.models import Level, Progress
 from pacsfetch.moves import MoveBook, MoveExpectation, Plan
@@ -240,7 +240,11 @@ class MoveReceiver:
         """Listen on ``[receiver] bind:port`` and accept in a background thread."""
         settings = self.config.receiver
         if settings.tls is not None:
-            self._tls = server_context(settings.tls)
+            try:
+                self._tls = server_context(settings.tls)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"receiver.tls: cannot load the certificate, key or CA "
+                                  f"file: {exc}") from None
         family = socket.AF_INET6 if ":" in settings.bind else socket.AF_INET
         self._listener = socket.create_server((settings.bind, settings.port), family=family,
                                               backlog=LISTEN_BACKLOG)
