@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,13 +19,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import CALLING_AE, make_config, wait_for
+from helpers import CALLING_AE, make_config, run_job, wait_for
+from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 
 from pacsfetch.config import Config, parse_config
-from pacsfetch.models import JobRequest
+from pacsfetch.models import JobRequest, JobStatus
 from pacsfetch.moves import MoveBook
 from pacsfetch.plugins.dimse import messages, pdu
 from pacsfetch.plugins.dimse.association import Association
@@ -34,6 +42,7 @@ from pacsfetch.sandbox.samples import SampleStudy, generate_uniform_study
 from pacsfetch.workers import receiver as receiver_module
 from pacsfetch.workers.receiver import MoveReceiver
 from pacsfetch.workers.receiver_policy import content_digest
+from pacsfetch.workers.state import LocalJobState
 
 PACS_AE = "ENGINEPACS"
 RECEIVER_AE = "PACSFETCH"
@@ -192,3 +201,78 @@ def test_garbage_after_the_association_is_refused_and_the_receiver_serves_on(
     assoc.close()
     wait_for(lambda: receiver._busy() == 0, 10, 0.05, "the hostile association to end")
     assert echo(config.receiver.port) == 0x0000
+
+
+class _SlowMoveScp:
+    """A pynetdicom Q/R SCP for one study: C-FIND at SERIES and IMAGE level, and a C-MOVE
+    that sends one instance every 20 ms and honours C-CANCEL (answers 0xFE00)."""
+
+    def __init__(self, study: SampleStudy, destination: tuple[str, int], port: int) -> None:
+        self.study = study
+        self.destination = destination
+        self.cancel_seen = False
+        self.datasets = [dcmread(i.path) for i in study.instances]
+        ae = AE(ae_title=PACS_AE)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+        ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        self.server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[
+            (evt.EVT_C_FIND, self._find), (evt.EVT_C_MOVE, self._move)])
+
+    def _find(self, event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        query = event.identifier
+        seen: set[str] = set()
+        for ds in self.datasets:
+            key = ds.SeriesInstanceUID if query.QueryRetrieveLevel == "SERIES" else \
+                ds.SOPInstanceUID
+            if key in seen or query.get("SeriesInstanceUID") not in ("", None,
+                                                                     ds.SeriesInstanceUID):
+                continue
+            seen.add(key)
+            match = Dataset()
+            for element in query:
+                match.add_new(element.tag, element.VR, ds.get(element.keyword, ""))
+            match.QueryRetrieveLevel = query.QueryRetrieveLevel
+            yield 0xFF00, match
+        yield 0x0000, None
+
+    def _move(self, event: evt.Event) -> Iterator[Any]:
+        yield self.destination
+        yield len(self.datasets)
+        for ds in self.datasets:
+            if event.is_cancelled:
+                self.cancel_seen = True
+                yield 0xFE00, None
+                return
+            time.sleep(0.02)
+            yield 0xFF00, ds
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def test_cancel_sends_c_cancel_and_ends_the_move_job_cancelled(
+        config: Config, receiver: MoveReceiver, tmp_path: Path) -> None:
+    slow = generate_uniform_study(tmp_path / "slow", n_instances=200, rows=8, columns=8,
+                                  patient_id="PF-CANCEL", seed=222)
+    scp = _SlowMoveScp(slow, ("127.0.0.1", config.receiver.port), config.sources["pacs"].port)
+    # pynetdicom names itself, not the C-MOVE's requestor, as Move Originator AE Title: the
+    # job calls with the PACS's AE title so the receiver still matches it by originator.
+    source = config.sources["pacs"].model_copy(update={"calling_ae_title": PACS_AE})
+    mover = config.model_copy(update={"sources": {"pacs": source}})
+    state = LocalJobState()
+    outcome: list[Any] = []
+    job = threading.Thread(target=lambda: outcome.append(run_job(
+        mover, JobRequest(source="pacs", study_uid=slow.study_uid, store="local",
+                           transport="c-move"), state)))
+    job.start()
+    try:
+        wait_for(lambda: state.progress.completed >= 10, 30, 0.01, "the move to start")
+        state.cancel = True
+        job.join(30)
+    finally:
+        scp.close()
+    assert outcome and outcome[0].status is JobStatus.CANCELLED, outcome
+    assert scp.cancel_seen  # the PACS received our C-CANCEL
+    stored = list((Path(config.stores["local"].settings["root"]) / slow.study_uid).rglob("*"))
+    assert 10 <= len([p for p in stored if p.is_file()]) < len(slow.instances)
