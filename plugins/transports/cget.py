@@ -498,7 +498,10 @@ class _Stripes:
                     f"{status_hint(final_code)}.",
                 )
             self._report()
-        busy = retrieve_pushback(self.where, "C-GET", final_code, completed + warning, 0)
+        # Sub-operations that failed were attempted (often refused by our own store): only a
+        # PACS that attempted none was out of resources before it began.
+        attempted = completed + warning + failed
+        busy = retrieve_pushback(self.where, "C-GET", final_code, attempted, 0)
         if busy is not None and not self.tentative and not outcome.cancel_sent:
             raise busy  # out of resources before sending any: retry later, more slowly
 
