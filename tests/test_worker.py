@@ -17,6 +17,7 @@ from helpers import WorkerProcess, make_config, wait_for
 
 from pacsfetch.api.app import create_app
 from pacsfetch.config import parse_config
+from pacsfetch.sandbox.latency import LatencyProxy
 from pacsfetch.sandbox.peers import Orthanc
 from pacsfetch.sandbox.samples import SampleStudy
 
@@ -77,8 +78,17 @@ def test_echo_without_worker_times_out(setup: dict[str, Any]) -> None:
 
 def test_cancel_a_running_job_stops_the_c_get(setup: dict[str, Any], start_worker: Callable[..., WorkerProcess],
                                               big_study: SampleStudy, tmp_path: Path) -> None:
-    start_worker(setup)
-    client = _client(setup)
+    # Across a 10 ms round trip: on loopback the study can be done before the cancel is
+    # polled (every 0.5 s).
+    wan = LatencyProxy("127.0.0.1", setup["sources"]["orthanc"]["port"], rtt_ms=10)
+    setup["sources"]["orthanc"]["port"] = wan.port
+    with wan:
+        start_worker(setup)
+        client = _client(setup)
+        _cancel_while_running(client, big_study, tmp_path)
+
+
+def _cancel_while_running(client: TestClient, big_study: SampleStudy, tmp_path: Path) -> None:
     job_id = client.post("/jobs", json={"source": "orthanc", "study_uid": big_study.study_uid,
                                         "store": "local"}).json()["id"]
     wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress"]["completed"] >= 10,
