@@ -118,8 +118,12 @@ class Fleet:
         worker = WorkerProcess(self.config_path, self.logs / f"worker{n}.log", 1)
         scheduler = SchedulerProcess(self.config_path, self.logs / f"scheduler{n}.log")
         self.procs = [api, worker, scheduler]
-        for proc in self.procs:
-            proc.wait_ready(60)
+        try:
+            for proc in self.procs:
+                proc.wait_ready(60)
+        except BaseException:
+            self.stop()  # a fleet that did not come up must not live on and take others' jobs
+            raise
 
     @property
     def url(self) -> str:
@@ -182,8 +186,8 @@ def test_killing_worker_api_scheduler_and_redis_mid_migration_changes_nothing(
         archive: list[ArchiveStudy]) -> None:
     path = write_toml(config_data(aof_redis, tmp_path, source, destination), tmp_path / "c.toml")
     fleet = Fleet(path, tmp_path)
-    fleet.start()
     try:
+        fleet.start()
         mig_id = migrate(fleet, "--max-in-flight", "3")
         wait_for(lambda: record(fleet, mig_id)["studies"]["done"] >= 8, 180,
                  what="a few studies done")
@@ -229,11 +233,8 @@ class ConnectionWatch(threading.Thread):
 
 
 def test_a_closing_window_stops_new_associations_and_the_migration_resumes(
-        tmp_path: Path, redis_server: RedisServer, source: Orthanc, destination: Orthanc,
+        tmp_path: Path, aof_redis: RedisServer, source: Orthanc, destination: Orthanc,
         archive: list[ArchiveStudy]) -> None:
-    redis_url = redis_server.url
-    import redis as redis_lib
-    redis_lib.Redis.from_url(redis_url).flushdb()
     now = datetime.now(UTC)
     closes = (now + timedelta(seconds=25)).replace(second=0, microsecond=0) + timedelta(minutes=1)
     opens = closes + timedelta(minutes=1)
@@ -243,14 +244,14 @@ def test_a_closing_window_stops_new_associations_and_the_migration_resumes(
     # Across a WAN the migration is still running when the window closes (on loopback it
     # would be done before); the watch counts connections at the PACS itself.
     wan = LatencyProxy("127.0.0.1", source.dicom_port, rtt_ms=WINDOW_RTT_MS)
-    data = config_data(redis_server, tmp_path, source, destination, port=wan.port,
+    data = config_data(aof_redis, tmp_path, source, destination, port=wan.port,
                        windows=windows)
     fleet = Fleet(write_toml(data, tmp_path / "c.toml"), tmp_path)
     watch = ConnectionWatch(source.dicom_port)
     watch.start()
     wan.__enter__()
-    fleet.start()
     try:
+        fleet.start()
         mig_id = migrate(fleet, "--max-in-flight", "4")
         waiting = wait_for(lambda: (r := record(fleet, mig_id))["status"] == "waiting-window"
                            and r, 150, what="the migration to wait for the window")
@@ -265,6 +266,6 @@ def test_a_closing_window_stops_new_associations_and_the_migration_resumes(
         assert not opened_while_closed, f"{len(opened_while_closed)} association(s) opened " \
             "while the window was closed"
     finally:
-        watch.stop()
         fleet.stop()
+        watch.stop()
         wan.__exit__(None, None, None)

@@ -39,7 +39,11 @@ class TlsFailed(DimseError):
 
 
 class AssociationRejected(DimseError):
-    """The peer answered A-ASSOCIATE-RJ."""
+    """The peer answered A-ASSOCIATE-RJ; ``result`` 1 is permanent, 2 transient ("busy")."""
+
+    def __init__(self, message: str, result: int | None = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class PeerAborted(DimseError):
@@ -114,7 +118,8 @@ class Association:
                              "association request") from None
         if event is Event.REJECTED:
             assoc.close()
-            raise AssociationRejected(pdu.describe_reject(body))
+            raise AssociationRejected(pdu.describe_reject(body),
+                                      bytes(body[1:2])[0] if len(body) > 1 else None)
         if event is Event.ABORTED:
             assoc.close()
             raise PeerAborted(pdu.describe_abort(body) + " during negotiation")

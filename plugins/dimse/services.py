@@ -37,6 +37,7 @@ from pacsfetch.plugins.dimse.association import (
     PeerViolation,
     TlsFailed,
 )
+from pacsfetch.pushback import association_pushback
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -129,6 +130,8 @@ def associate(source: SourceConfig, contexts: Sequence[Proposal], *,
             "port speaks TLS.",
         ) from None
     except AssociationRejected as exc:
+        if (busy := association_pushback(at, exc.result, purpose)) is not None:
+            raise busy from None
         raise RetrieveError(
             ErrorKind.ASSOCIATION_REJECTED,
             f"{at} rejected the association for {purpose} ({exc}). "

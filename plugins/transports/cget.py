@@ -68,6 +68,7 @@ from pacsfetch.plugins.transports.query import (
     retrieve_identifier,
 )
 from pacsfetch.plugins.transports.sopclasses import candidate_classes
+from pacsfetch.pushback import retrieve_pushback
 
 log = logging.getLogger(__name__)
 
@@ -519,6 +520,9 @@ class _Stripes:
                     f"{status_hint(final_code)}.",
                 )
             self._report()
+        busy = retrieve_pushback(self.where, "C-GET", final_code, completed + warning, 0)
+        if busy is not None and not self.tentative and not outcome.cancel_sent:
+            raise busy  # out of resources before sending any: retry later, more slowly
 
     def _report(self) -> None:
         """Progress over every stripe (the lock held)."""
