@@ -290,7 +290,8 @@ class _Stripes:
     own slot from the gate, so the fleet-wide cap counts every association; it takes the
     next unit (a series, or a list of instances) until none is left. All stripes feed the
     same sink, which is not thread-safe: calls into the sink and the progress reporter go
-    through one lock, held for the store of one instance and never across a network read.
+    through one lock, held for one instance's store (or the progress it flushes), never while
+    reading from the PACS.
 
     A failure in the middle of a C-GET stops the other stripes after their current unit
     and is the job's error. A stripe that cannot open its association while another works
