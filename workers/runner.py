@@ -22,6 +22,7 @@ from pacsfetch.models import JobRequest, JobStatus, Progress, TransportNote
 from pacsfetch.moves import MoveBook
 from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, StoreSession, Transport
 from pacsfetch.plugins.registry import Registry
+from pacsfetch.redisconn import outage_client
 from pacsfetch.workers.moves import RedisMoveTracker
 from pacsfetch.workers.pipeline import InstancePipeline
 from pacsfetch.workers.state import JobState
@@ -73,7 +74,8 @@ class JobRunner:
         self.config = config
         self.registry = registry
         self.store_settings = store_settings
-        self.moves = MoveBook.from_url(config.broker.url)  # connects on first use (C-MOVE)
+        # Connects on first use (C-MOVE); rides out a Redis restart like the job's state.
+        self.moves = MoveBook(outage_client(config.broker.url, config.worker.redis_outage_seconds))
         self.gate = gate or process_gate(config)
 
     def _transports(self, request: JobRequest) -> list[Transport]:

@@ -15,6 +15,7 @@ import socket
 import threading
 from typing import Any
 
+import redis
 from celery import Task
 
 from pacsfetch import audit
@@ -25,6 +26,7 @@ from pacsfetch.models import BULK_ORIGINS, FINAL_STATUSES, JobStatus
 from pacsfetch.plugins.dimse.services import echo as dicom_echo
 from pacsfetch.plugins.find import find_studies as dicom_find_studies
 from pacsfetch.queue import ECHO_TASK, FIND_STUDIES_TASK, QUEUE, RETRIEVE_TASK, redis_priority
+from pacsfetch.redisconn import outage_client
 from pacsfetch.studyquery import StudyQuery
 from pacsfetch.workers import lifecycle
 from pacsfetch.workers.celery_app import app, config, registry, store_settings
@@ -37,12 +39,15 @@ _stores: dict[int, JobStore] = {}
 
 
 def jobstore() -> JobStore:
-    """One Redis client per process: prefork children must not share their parent's sockets."""
+    """One Redis client per process: prefork children must not share their parent's sockets.
+
+    Its calls ride out a Redis outage of up to ``[worker] redis_outage_seconds`` (a restart),
+    so a running job keeps going instead of failing on its next progress update."""
     pid = os.getpid()
     if pid not in _stores:
         _stores.clear()
-        _stores[pid] = JobStore.from_url(config.broker.url,
-                                         retention_days=config.jobs.retention_days)
+        client = outage_client(config.broker.url, config.worker.redis_outage_seconds)
+        _stores[pid] = JobStore(client, retention_days=config.jobs.retention_days)
     return _stores[pid]
 
 
@@ -72,8 +77,14 @@ class _Heartbeat(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        """Renew until stopped; an error (Redis away longer than the outage budget) is
+        logged and the next renewal tried, so the lease is back as soon as Redis is."""
         while not self._stop_event.wait(self._ttl / 3):
-            self._store.acquire_lease(self._job_id, self._owner, self._ttl)
+            try:
+                self._store.acquire_lease(self._job_id, self._owner, self._ttl)
+            except redis.RedisError as exc:
+                log.warning("could not renew the job's lease; trying again", extra={
+                    "job_id": self._job_id, "reason": type(exc).__name__})
 
     def stop(self) -> None:
         self._stop_event.set()
