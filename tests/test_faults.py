@@ -7,6 +7,7 @@ that fills up, a forward destination that is down and comes back. Workers are re
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,10 +15,12 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import WorkerProcess, make_config, wait_for
+from helpers import WorkerProcess, make_config, run_job, wait_for
+from pydicom import dcmread
 
 from pacsfetch.api.app import create_app
-from pacsfetch.config import parse_config
+from pacsfetch.config import Config, parse_config
+from pacsfetch.models import JobRequest, JobStatus
 from pacsfetch.sandbox.peers import Orthanc, RedisServer
 from pacsfetch.sandbox.samples import SampleStudy
 
@@ -81,3 +84,68 @@ def test_redis_restart_during_a_job_is_ridden_out_and_the_job_finishes(
     log = worker.log_path.read_text()
     assert "Exception in thread lease-" not in log, "the lease heartbeat died"
     assert "Redis did not answer" in log  # the outage is logged, once per call that waited
+
+
+# A store on a file system that fills up -------------------------------------------------------
+SMALL_DISK = "4m"
+"""The store's file system: room for about a hundred of big_study's 400 instances (33 KB)."""
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A tmpfs of SMALL_DISK as the store root (mounting needs root: skipped without)."""
+    root = tmp_path / "small"
+    root.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_DISK}", "tmpfs",
+                              str(root)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        yield root
+    finally:
+        subprocess.run(["umount", "-l", str(root)], check=False)
+
+
+def _assert_nothing_half_written(root: Path, completed: int) -> None:
+    """Every visible file is a whole instance; the job recorded no more than are there
+    (a batch whose sync failed is not recorded, and is fetched again by a later attempt)."""
+    files = _files(root)
+    assert 0 < completed <= len(files)
+    assert not [p for p in files if p.suffix == ".part"]
+    for path in files:
+        assert dcmread(path).SOPInstanceUID == path.stem
+
+
+def test_full_store_disk_ends_partial_naming_the_store_and_is_not_retried(
+    orthanc: Orthanc, big_study: SampleStudy, small_disk: Path, redis_url: str,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    config = make_config(redis_url=redis_url, store_root=small_disk, orthanc=orthanc)
+    start_worker(config)
+    client = _client(config)
+    job_id = client.post("/jobs", json={"source": "orthanc", "study_uid": big_study.study_uid,
+                                        "store": "local"}).json()["id"]
+    job = _final(client, job_id)
+    assert job["status"] == "partial", job["error"]
+    assert job["error_kind"] == "store"
+    assert "store 'local'" in job["error"] and "no space left" in job["error"].lower()
+    assert job["attempts"] == 1, "a full disk is not retried until space returns"
+    assert 0 < job["progress"]["completed"] < len(big_study.instances)
+    _assert_nothing_half_written(small_disk, job["progress"]["completed"])
+
+
+def test_full_store_disk_by_dicomweb_names_the_store(
+    config_factory: Callable[..., Config], orthanc: Orthanc, big_study: SampleStudy,
+    small_disk: Path,
+) -> None:
+    config = config_factory(store_root=small_disk, extra_sources={"web": {
+        "ae_title": "GATEWAY", "host": "127.0.0.1", "port": 104, "transports": ["dicomweb"],
+        "dicomweb_url": orthanc.dicomweb_url, "timeout": 10}})
+    outcome = run_job(config, JobRequest(source="web", study_uid=big_study.study_uid,
+                                         store="local"))
+    assert outcome.status is JobStatus.PARTIAL, outcome.error
+    assert outcome.error_kind == "store"
+    assert "store 'local'" in (outcome.error or "")
+    assert "no space left" in (outcome.error or "").lower()
+    assert not outcome.retry
+    _assert_nothing_half_written(small_disk, outcome.progress.completed)

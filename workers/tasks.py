@@ -13,6 +13,7 @@ import logging
 import os
 import socket
 import threading
+from dataclasses import replace
 from typing import Any
 
 import redis
@@ -145,23 +146,9 @@ def _attempt(task: Task, store: JobStore, job_id: str) -> bool:
             outcome = runner.run(job_id, job.request,
                                  lifecycle.HandBackState(RedisJobState(store, job_id)),
                                  bulk=job.origin in BULK_ORIGINS)
-    except RetrieveError as exc:
-        retries = task.request.retries
-        if retries < config.worker.max_retries:  # the runner raises only retryable errors
-            JOB_RETRIES.labels(job.request.source, exc.kind.value).inc()
-            countdown = config.worker.retry_backoff * (2**retries)
-            store.transition(
-                job_id, JobStatus.QUEUED, allowed_from=[JobStatus.RUNNING],
-                error=f"attempt {attempt} failed, retrying in {countdown:g} s: {exc.message}",
-                error_kind=exc.kind.value,
-            )
-            log.warning("attempt failed; retrying", extra={
-                "job_id": job_id, "attempt": attempt, "error_kind": exc.kind.value})
-            raise task.retry(countdown=countdown, priority=redis_priority(job.request.priority),
-                             max_retries=config.worker.max_retries) from None
-        gave_up = f" (gave up after {attempt} attempts)" if attempt > 1 else ""
-        outcome = Outcome(JobStatus.FAILED, store.get(job_id).progress, None,
-                          exc.message + gave_up, exc.kind.value)
+    except RetrieveError as exc:  # the runner raises only retryable errors
+        outcome = Outcome(JobStatus.FAILED, store.get(job_id).progress, None, exc.message,
+                          exc.kind.value, retry=True)
     except Exception as exc:  # a bug, not the PACS: fail the job loudly, keep the worker
         log.exception("job crashed", extra={"job_id": job_id})
         outcome = Outcome(JobStatus.FAILED, store.get(job_id).progress, None,
@@ -176,6 +163,24 @@ def _attempt(task: Task, store: JobStore, job_id: str) -> bool:
         log.info("job handed back", extra={"job_id": job_id, "attempt": attempt,
                                            "completed": outcome.progress.completed})
         return True
+    if outcome.retry:
+        retries = task.request.retries
+        if retries < config.worker.max_retries:
+            kind = outcome.error_kind or "internal"
+            JOB_RETRIES.labels(job.request.source, kind).inc()
+            countdown = config.worker.retry_backoff * (2**retries)
+            store.set_progress(job_id, outcome.progress)
+            store.transition(
+                job_id, JobStatus.QUEUED, allowed_from=[JobStatus.RUNNING],
+                error=f"attempt {attempt} failed, retrying in {countdown:g} s: {outcome.error}",
+                error_kind=kind,
+            )
+            log.warning("attempt failed; retrying", extra={
+                "job_id": job_id, "attempt": attempt, "error_kind": kind})
+            raise task.retry(countdown=countdown, priority=redis_priority(job.request.priority),
+                             max_retries=config.worker.max_retries) from None
+        if attempt > 1:
+            outcome = replace(outcome, error=f"{outcome.error} (gave up after {attempt} attempts)")
     _finish(store, job_id, outcome)
     return False
 
