@@ -21,7 +21,7 @@ from pydicom import dcmread
 from pacsfetch.api.app import create_app
 from pacsfetch.config import Config, parse_config
 from pacsfetch.models import JobRequest, JobStatus
-from pacsfetch.sandbox.peers import Orthanc, RedisServer
+from pacsfetch.sandbox.peers import Orthanc, RedisServer, StoreScp, free_port
 from pacsfetch.sandbox.samples import SampleStudy
 
 FINAL = {"succeeded", "partial", "failed", "cancelled"}
@@ -149,3 +149,57 @@ def test_full_store_disk_by_dicomweb_names_the_store(
     assert "no space left" in (outcome.error or "").lower()
     assert not outcome.retry
     _assert_nothing_half_written(small_disk, outcome.progress.completed)
+
+
+# A store that fails for another reason: retried like a connection failure ---------------------
+def _forwarding(config: dict[str, Any], port: int) -> dict[str, Any]:
+    """*config* with a DICOM forward store 'newpacs' at *port* beside the filesystem."""
+    config["stores"]["newpacs"] = {"plugin": "dicom", "ae_title": "NEWPACS",
+                                   "host": "127.0.0.1", "port": port, "timeout": 5}
+    return config
+
+
+def test_store_down_then_back_is_retried_with_back_off_and_the_job_succeeds(
+    orthanc: Orthanc, mixed_study: SampleStudy, redis_url: str, tmp_path: Path,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    port = free_port()
+    config = _forwarding(make_config(redis_url=redis_url, store_root=tmp_path / "store",
+                                     orthanc=orthanc,
+                                     worker={"max_retries": 3, "retry_backoff": 2.0}), port)
+    start_worker(config)
+    client = _client(config)
+    job_id = client.post("/jobs", json={"source": "orthanc", "study_uid": mixed_study.study_uid,
+                                        "stores": ["newpacs", "local"]}).json()["id"]
+    waiting = wait_for(lambda: (job := _job(client, job_id))["status"] == "queued"
+                       and job["error"] and job, 60, 0.05, "the first attempt to fail")
+    assert waiting["error_kind"] == "store"
+    assert waiting["error"].startswith("attempt 1 failed, retrying in 2 s")
+    assert "'newpacs'" in waiting["error"]
+    with StoreScp(tmp_path / "newpacs", aet="NEWPACS", port=port) as archive:
+        job = _final(client, job_id)
+        forwarded = list(archive.received_dir.glob("*.dcm"))
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempts"] >= 2
+    assert len(forwarded) == len(mixed_study.instances)
+    assert len(_files(tmp_path / "store")) == len(mixed_study.instances)
+
+
+def test_store_that_stays_down_fails_naming_it_after_the_retries(
+    orthanc: Orthanc, mixed_study: SampleStudy, redis_url: str, tmp_path: Path,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    config = _forwarding(make_config(redis_url=redis_url, store_root=tmp_path / "store",
+                                     orthanc=orthanc), free_port())
+    start_worker(config)
+    client = _client(config)
+    job_id = client.post("/jobs", json={"source": "orthanc", "study_uid": mixed_study.study_uid,
+                                        "stores": ["newpacs", "local"]}).json()["id"]
+    job = _final(client, job_id)
+    assert job["status"] == "failed"
+    assert job["error_kind"] == "store"
+    assert job["attempts"] == 3  # the first try and worker.max_retries = 2 retries
+    assert "failing store(s): 'newpacs'" in job["error"]
+    assert "cannot connect to 127.0.0.1" in job["error"]
+    assert job["error"].endswith("(gave up after 3 attempts)")
+    assert _files(tmp_path / "store") == []  # 'newpacs' commits first and failed each time
