@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from helpers import WorkerProcess, make_config, run_job, wait_for
+from helpers import ReceiverProcess, WorkerProcess, make_config, run_job, wait_for, write_toml
 from pydicom import dcmread
 
 from pacsfetch.api.app import create_app
@@ -203,3 +203,95 @@ def test_store_that_stays_down_fails_naming_it_after_the_retries(
     assert "cannot connect to 127.0.0.1" in job["error"]
     assert job["error"].endswith("(gave up after 3 attempts)")
     assert _files(tmp_path / "store") == []  # 'newpacs' commits first and failed each time
+
+
+# A C-MOVE the PACS fails after part of the study arrived --------------------------------------
+RECEIVER_AE = "PACSFETCH"
+
+
+@pytest.fixture
+def move_setup(tmp_path: Path, redis_url: str, big_study: SampleStudy) -> Iterator[dict[str, Any]]:
+    """An Orthanc that moves to a receiver port, and the configuration of the receiver and
+    the worker (one retry after 3 s, time enough to start the receiver again)."""
+    port = free_port()
+    with Orthanc(tmp_path / "orthanc", aet="MOVEFAIL", dicomweb=False,
+                 modalities={RECEIVER_AE: (RECEIVER_AE, "127.0.0.1", port)}) as pacs:
+        pacs.upload_study(big_study)
+        config = make_config(redis_url=redis_url, store_root=tmp_path / "store",
+                             worker={"max_retries": 1, "retry_backoff": 3.0}, extra_sources={
+            "pacs": {"ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port,
+                     "calling_ae_title": "PFWORKER", "transports": ["c-move"],
+                     "move_destination": RECEIVER_AE, "timeout": 10}})
+        config["receiver"] = {"ae_title": RECEIVER_AE, "port": port, "bind": "127.0.0.1"}
+        yield config
+
+
+def _receiver(config: dict[str, Any], tmp_path: Path, name: str) -> ReceiverProcess:
+    process = ReceiverProcess(write_toml(config, tmp_path / f"{name}.toml"),
+                              tmp_path / f"{name}.log", config["receiver"]["port"])
+    process.wait_ready()
+    return process
+
+
+def _kill_receiver_mid_move(config: dict[str, Any], study: SampleStudy, tmp_path: Path,
+                            start_worker: Callable[..., WorkerProcess]
+                            ) -> tuple[TestClient, str, dict[str, Any]]:
+    """Start a C-MOVE job, kill the receiver once 40 instances are stored; returns the job
+    as it waits for its retry."""
+    receiver = _receiver(config, tmp_path, "receiver1")
+    try:
+        start_worker(config)
+        client = _client(config)
+        job_id = client.post("/jobs", json={"source": "pacs", "study_uid": study.study_uid,
+                                            "store": "local"}).json()["id"]
+        wait_for(lambda: _job(client, job_id)["progress"]["completed"] >= 40, 60, 0.02,
+                 "the receiver to store the first instances")
+    finally:
+        receiver.proc.kill()  # the move destination dies: the PACS's C-STOREs fail
+        receiver.stop()
+    waiting = wait_for(lambda: (job := _job(client, job_id))["status"] == "queued"
+                       and job["error"] and job, 60, 0.05, "the first attempt to fail")
+    return client, job_id, waiting
+
+
+def test_c_move_failing_part_way_is_retried_resuming_from_what_is_stored(
+    move_setup: dict[str, Any], big_study: SampleStudy, tmp_path: Path,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    client, job_id, waiting = _kill_receiver_mid_move(move_setup, big_study, tmp_path,
+                                                      start_worker)
+    assert waiting["error"].startswith("attempt 1 failed, retrying in 3 s")
+    assert waiting["error_kind"] == "peer-status"
+    assert "moved nothing" not in waiting["error"]
+    assert "stopped part-way; a retry resumes" in waiting["error"]
+    stored_first = waiting["progress"]["completed"]
+    assert stored_first >= 40
+    receiver = _receiver(move_setup, tmp_path, "receiver2")
+    try:
+        job = _final(client, job_id)
+    finally:
+        receiver.stop()
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempts"] == 2
+    assert job["progress"]["skipped"] >= stored_first
+    assert job["progress"]["completed"] == len(big_study.instances)
+    files = _files(tmp_path / "store")
+    assert sorted(p.stem for p in files) == sorted(i.sop_instance_uid for i in big_study.instances)
+
+
+def test_c_move_failing_with_the_receiver_still_down_ends_partial_not_moved_nothing(
+    move_setup: dict[str, Any], big_study: SampleStudy, tmp_path: Path,
+    start_worker: Callable[..., WorkerProcess],
+) -> None:
+    client, job_id, waiting = _kill_receiver_mid_move(move_setup, big_study, tmp_path,
+                                                      start_worker)
+    stored_first = waiting["progress"]["completed"]
+    job = _final(client, job_id)  # the retry finds the receiver still down
+    assert job["status"] == "partial", job["error"]
+    assert job["attempts"] == 2
+    # A receiver killed with -9 may leave its last batch stored but unrecorded: fetched again.
+    assert job["progress"]["completed"] == stored_first <= len(_files(tmp_path / "store"))
+    assert "moved nothing" not in job["error"]
+    assert "does not know move destination" not in job["error"]
+    assert f"{stored_first} stored for the job so far" in job["error"]
+    assert job["error"].endswith("(gave up after 2 attempts)")
