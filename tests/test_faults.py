@@ -17,6 +17,9 @@ import pytest
 from fastapi.testclient import TestClient
 from helpers import ReceiverProcess, WorkerProcess, make_config, run_job, wait_for, write_toml
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelFind
 
 from pacsfetch.api.app import create_app
 from pacsfetch.config import Config, parse_config
@@ -295,3 +298,57 @@ def test_c_move_failing_with_the_receiver_still_down_ends_partial_not_moved_noth
     assert "does not know move destination" not in job["error"]
     assert f"{stored_first} stored for the job so far" in job["error"]
     assert job["error"].endswith("(gave up after 2 attempts)")
+
+
+# A PACS whose C-FIND answers carry malformed UIDs ---------------------------------------------
+STUDY_UID = "1.2.826.0.1.3680043.8.498.4242"
+GOOD_SERIES = "1.2.826.0.1.3680043.8.498.4242.1"
+
+
+@pytest.fixture
+def odd_pacs(request: pytest.FixtureRequest) -> Iterator[int]:
+    """A pynetdicom C-FIND SCP (the odd peer: no real archive sends such answers on purpose)
+    answering with malformed UIDs at the level the test names: ``series`` or ``image``."""
+    bad_level = request.param
+
+    def on_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        level = event.identifier.QueryRetrieveLevel
+        for n in range(3):
+            answer = Dataset()
+            answer.QueryRetrieveLevel = level
+            answer.StudyInstanceUID = STUDY_UID
+            if level == "SERIES":
+                answer.SeriesInstanceUID = f"1.2.3.x{n}" if bad_level == "series" else GOOD_SERIES
+                answer.Modality = "CT"
+            else:
+                answer.SeriesInstanceUID = GOOD_SERIES
+                answer.SOPInstanceUID = f"1.2.03.{n}"  # a leading zero: not a UID
+                answer.SOPClassUID = CTImageStorage
+            yield 0xFF00, answer
+
+    ae = AE(ae_title="ODDPACS")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.parametrize(("odd_pacs", "level"), [("series", "3 series with invalid UIDs at "
+                                                  "SERIES level"),
+                                                 ("image", "3 instance(s) with invalid UIDs at "
+                                                  "IMAGE level")], indirect=["odd_pacs"])
+def test_malformed_uids_in_c_find_answers_are_named_with_their_level(
+    config_factory: Callable[..., Config], odd_pacs: int, level: str,
+) -> None:
+    config = config_factory(extra_sources={"odd": {
+        "ae_title": "ODDPACS", "host": "127.0.0.1", "port": odd_pacs, "transports": ["c-get"],
+        "timeout": 5}})
+    outcome = run_job(config, JobRequest(source="odd", study_uid=STUDY_UID, store="local"))
+    assert outcome.status is JobStatus.FAILED
+    assert outcome.error_kind == "query"
+    assert f"ODDPACS@127.0.0.1:{odd_pacs} listed {level}" in (outcome.error or "")
+    assert "C-FIND found none" not in (outcome.error or "")
