@@ -113,8 +113,12 @@ class Fleet:
         worker = WorkerProcess(self.config_path, self.logs / f"worker{n}.log", 1)
         scheduler = SchedulerProcess(self.config_path, self.logs / f"scheduler{n}.log")
         self.procs = [api, worker, scheduler]
-        for proc in self.procs:
-            proc.wait_ready(60)
+        try:
+            for proc in self.procs:
+                proc.wait_ready(60)
+        except BaseException:  # a leaked worker would steal later tests' jobs
+            self.stop()
+            raise
 
     @property
     def url(self) -> str:
