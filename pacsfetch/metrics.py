@@ -181,7 +181,7 @@ RECEIVER_REFUSALS = Counter(
     "pacsfetch_receiver_refusals",
     "Associations and instances the move receiver refused, by reason (see "
     "pacsfetch.workers.receiver_policy.Refusal: unknown-address, busy, idle, wrong-peer, "
-    "not-planned, conflicting-copy).",
+    "not-planned, conflicting-copy, tls).",
     ["reason"],
 )
 
