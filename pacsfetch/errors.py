@@ -7,6 +7,8 @@ negotiation mistakes. Each :class:`ErrorKind` names one such class; the message 
 
 from __future__ import annotations
 
+import errno
+import os
 from enum import StrEnum
 
 
@@ -65,3 +67,23 @@ class RetrieveError(Exception):
 
     def __str__(self) -> str:
         return f"{self.kind}: {self.message}"
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def no_space_left(exc: BaseException) -> bool:
+    """Whether *exc*, or an error it was raised from, says a file system is full.
+
+    Some libraries re-raise an ``OSError`` with their own text and no errno (pydicom's
+    writer does), so the system's message counts too.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):  # a short chain of causes; never loop on a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, OSError) and (seen.errno in _NO_SPACE
+                                          or os.strerror(errno.ENOSPC) in str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False

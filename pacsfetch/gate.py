@@ -547,5 +547,6 @@ def process_gate(config: Config) -> AssociationGate:
     key = (os.getpid(), config.broker.url + config.model_dump_json(include={"sources"}))
     if key not in _process_gates:
         _process_gates.clear()
-        _process_gates[key] = open_gate(config.broker.url, config.sources)
+        _process_gates[key] = open_gate(config.broker.url, config.sources,
+                                        config.worker.redis_outage_seconds)
     return _process_gates[key]

@@ -28,6 +28,7 @@ from pynetdicom.sop_class import (
 from pacsfetch.config import Config, parse_config
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.models import JobRequest, JobStatus
+from pacsfetch.plugins.dimse import messages as m
 from pacsfetch.plugins.dimse import pdu
 from pacsfetch.sandbox.peers import DcmQrScp, free_port
 from pacsfetch.sandbox.samples import SampleStudy, generate_uniform_study
@@ -58,6 +59,7 @@ class GetPeer:
         self.port = free_port()
         self.collide, self.abort_at = collide, abort_at
         self.received_sizes: list[int] = []
+        self.commands_sent: list[int] = []
         self.collisions = 0
         self._big_data_sets = 0
         self._in_data_set = False
@@ -112,10 +114,15 @@ class GetPeer:
             event.assoc.dul.socket.send(pdu.RELEASE_RQ_PDU)
 
     def _sent(self, event: Any) -> None:
-        if self.abort_at is None or not isinstance(event.pdu, P_DATA_TF):
+        if not isinstance(event.pdu, P_DATA_TF):
             return
         for item in event.pdu.presentation_data_value_items:
             header = item.presentation_data_value[0]
+            if header == 3:  # a whole command in one PDV: note which
+                self.commands_sent.append(
+                    m.decode_command(item.presentation_data_value[1:])[m.COMMAND_FIELD])
+            if self.abort_at is None:
+                continue
             if header == 0 and not self._in_data_set:
                 # The first fragment of a data set that spans PDUs: an instance (C-FIND
                 # identifiers fit in one). The earlier ones went whole.
@@ -183,6 +190,11 @@ def test_a_4096_byte_maximum_pdu_fragments_both_ways(
         assert outcome.status is JobStatus.SUCCEEDED, outcome.error
         check_store(tmp_path / "store", study, expect=len(study.instances))
         assert peer.received_sizes and max(peer.received_sizes) <= SMALL_PDU
+        # Its C-GET-RSP pendings came between the C-STOREs, as pynetdicom sends them.
+        sequence = [c for c in peer.commands_sent if c in (m.C_STORE_RQ, m.C_GET_RSP)]
+        assert sequence.count(m.C_STORE_RQ) == len(study.instances)
+        pairs = list(zip(sequence, sequence[1:]))
+        assert (m.C_GET_RSP, m.C_STORE_RQ) in pairs and (m.C_STORE_RQ, m.C_GET_RSP) in pairs
     finally:
         peer.close()
 

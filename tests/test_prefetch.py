@@ -7,6 +7,9 @@ why; the end-to-end tests run ``pacsfetch scheduler`` and ``pacsfetch worker`` f
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -17,6 +20,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from helpers import CliProcess, WorkerProcess, make_config, wait_for, write_toml
+from test_migration_faults import ApiProcess
 
 from pacsfetch.api.app import create_app
 from pacsfetch.config import parse_config
@@ -358,3 +362,40 @@ def test_prefetch_jobs_overtake_queued_migration_jobs_of_the_same_source(
     every = wait_for(finished, timeout=120, what="every job to finish")
     started = {job.id: job.started_at for job in every}
     assert max(started[j] for j in prefetched) < min(started[j.id] for j in migration)
+
+
+def test_the_cli_waits_until_the_priors_are_in_place_and_says_why(
+        redis_url: str, tmp_path: Path, archive: Orthanc, reading: Orthanc,
+        history: dict[str, HistoryStudy]) -> None:
+    """``pacsfetch prefetch --wait`` against the fleet as processes (API, worker, scheduler):
+    it prints the request id, then (on stderr) each candidate's decision and reason, and
+    exits 0 once
+    every chosen prior is in the reading PACS."""
+    path = write_toml(prefetch_config(redis_url, tmp_path, archive, reading),
+                      tmp_path / "fleet.toml")
+    api = ApiProcess(path, tmp_path / "api.log", free_port())
+    worker = WorkerProcess(path, tmp_path / "worker.log")
+    scheduler = SchedulerProcess(path, tmp_path / "scheduler.log")
+    try:
+        api.wait_ready()
+        worker.wait_ready()
+        scheduler.wait_ready()
+        result = subprocess.run(
+            [sys.executable, "-m", "pacsfetch", "prefetch", "--api", api.url,
+             "--patient-id", "PF-PRI-1", "--modality", "MR", "--accession", "CLI1", "--wait"],
+            capture_output=True, text=True, timeout=180,
+            env={**os.environ, "COLUMNS": "200"})
+    finally:
+        for process in (scheduler, worker, api):
+            process.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    (prefetch_id,) = result.stdout.split()  # the id alone on stdout, for scripts
+    record = PrefetchStore.from_url(redis_url).get(prefetch_id)
+    lines = result.stderr.splitlines()  # what an operator reads
+    assert record.status is PrefetchStatus.DONE and lines[-1] == "done", result.stderr
+    chosen = [c.study_uid for c in record.candidates if c.decision.value == "chosen"]
+    printed = [line.split()[0] for line in lines[:-1]]
+    assert printed.count("chosen") == len(chosen) > 0
+    assert len(printed) == len(record.candidates)
+    for uid in chosen:
+        assert len(reading.list_study_instances(uid)) == len(history_study(history, uid))

@@ -8,6 +8,7 @@ proxy adds keeps each association busy long enough for stripes to overlap.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,24 @@ def test_cancel_stops_every_stripe(redis_url: str, tmp_path: Path, orthanc: Orth
     assert len(stored(tmp_path / "store")) < len(big_study.instances)
     wait_for(lambda: proxy.open == 0, 10, what="every association to end")
     assert not list((tmp_path / "store").rglob("*.part"))
+
+
+def test_the_rate_cap_holds_a_striped_job_back(
+        redis_url: str, tmp_path: Path, orthanc: Orthanc, big_study: SampleStudy) -> None:
+    config = parse_config(make_config(
+        redis_url=redis_url, store_root=tmp_path / "store", orthanc=orthanc))
+    source = config.sources["orthanc"].model_copy(update={"max_mb_per_second": 2.0,
+                                                           "associations_per_job": 3})
+    config = config.model_copy(update={"sources": {"orthanc": source}})
+    started = time.monotonic()
+    outcome = run_job(config, JobRequest(source="orthanc", study_uid=big_study.study_uid,
+                                         store="local"))
+    elapsed = time.monotonic() - started
+    assert outcome.status is JobStatus.SUCCEEDED, outcome.error
+    megabytes = outcome.progress.bytes / 1_000_000
+    assert megabytes > 8
+    # At most one second of burst, then 2 MB/s, whatever the number of associations.
+    assert elapsed >= (megabytes - 2 - 1) / 2, (elapsed, megabytes)
 
 
 @pytest.mark.parametrize("width", [1, 3])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pluggy
 
-from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.errors import ErrorKind, RetrieveError, no_space_left
 from pacsfetch.metrics import NO_TRANSPORT, InstanceMeter
 from pacsfetch.models import JobRequest, Level, Progress
 from pacsfetch.plugins.contracts import IncomingInstance, InstanceIdentity, StoreSession, Verdict
@@ -71,6 +71,8 @@ class InstancePipeline:
         self._digests = digests
         self.last_store_error: str | None = None
         self.failed_stores: set[str] = set()
+        self.full_stores: set[str] = set()
+        """Stores whose file system is full: a retry cannot help until space is freed."""
         self._meter: InstanceMeter | None = None
         """Bound when a transport starts, so no empty series labelled "none" is exported."""
 
@@ -176,12 +178,21 @@ class InstancePipeline:
             for _, session, token in staged:
                 session.abort(token)
             self.store_failures += 1
-            self.failed_stores.add(name)
+            self.store_failed(name, exc)
+            return None
+
+    def store_failed(self, name: str, exc: BaseException) -> None:
+        """Note that store *name* failed with *exc* (also for its spool and its syncs)."""
+        self.failed_stores.add(name)
+        if no_space_left(exc):
+            self.full_stores.add(name)
+            reason = "no space left on device"
+        else:
             reason = (exc.message if isinstance(exc, RetrieveError)
                       else f"{type(exc).__name__}: {exc}")
-            self.last_store_error = f"store {name!r}: {reason}"
-            log.error("store failed", extra={"job_id": self._job_id, "store": name, "reason": str(exc)})
-            return None
+        self.last_store_error = f"store {name!r}: {reason}"
+        log.error("store failed", extra={"job_id": self._job_id, "store": name,
+                                         "reason": reason})
 
     def adopt(self, locations: Mapping[str, str], nbytes: int) -> None:
         """Count instances the move receiver (another process) stored for this job.
@@ -227,16 +238,32 @@ class InstancePipeline:
             self.flush()
 
     def flush(self) -> None:
-        """Make stored instances durable, then record them with the current counters."""
-        for session in self._sessions.values():
-            session.sync()
+        """Make stored instances durable, then record them with the current counters.
+
+        A store that cannot make the batch durable (its disk filled up) fails the batch:
+        those instances are not recorded as stored, so a later attempt fetches them again,
+        and the failure is the job's to report, not an exception on the PACS's thread."""
+        for name, session in self._sessions.items():
+            try:
+                session.sync()
+            except Exception as exc:
+                self.store_failed(name, exc)
+                self.store_failures += len(self._unrecorded)
+                for sop_instance_uid in self._unrecorded:
+                    self.stored.pop(sop_instance_uid, None)
+                self._unrecorded = {}
         self._state.record(self._unrecorded, self.progress)
         self._unrecorded = {}
 
     def problems(self) -> list[tuple[ErrorKind, str]]:
         """What this sink refused or failed to store, for the job's error text."""
         found = []
-        if self.store_failures:
+        if self.full_stores:
+            names = ", ".join(f"store {name!r}" for name in sorted(self.full_stores))
+            found.append((ErrorKind.STORE, f"{names}: no space left on device after "
+                          f"{len(self.stored)} instance(s) were stored; free space, then "
+                          "retry the job (it resumes from what is stored)"))
+        elif self.failed_stores:
             names = ", ".join(repr(name) for name in sorted(self.failed_stores))
             found.append((ErrorKind.STORE, f"{self.store_failures} instance(s) could not be stored, "
                           f"failing store(s): {names} (last: {self.last_store_error})"))

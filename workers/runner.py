@@ -15,12 +15,13 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pacsfetch.config import Config
-from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.errors import ErrorKind, RetrieveError, no_space_left
 from pacsfetch.gate import AssociationGate, JobGate, process_gate
 from pacsfetch.models import JobRequest, JobStatus, Progress, TransportNote
 from pacsfetch.moves import MoveBook
 from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, StoreSession, Transport
 from pacsfetch.plugins.registry import Registry
+from pacsfetch.redisconn import outage_client
 from pacsfetch.workers.moves import RedisMoveTracker
 from pacsfetch.workers.pipeline import InstancePipeline
 from pacsfetch.workers.state import JobState
@@ -45,6 +46,9 @@ class Outcome:
     error: str | None = None
     error_kind: str | None = None
     transport_notes: tuple[TransportNote, ...] = ()
+    retry: bool = False
+    """A retry (resuming from what is stored) may succeed: the task retries while the job's
+    retries allow, and ends with this outcome when they are spent."""
 
 
 class JobRunner:
@@ -55,7 +59,8 @@ class JobRunner:
         self.config = config
         self.registry = registry
         self.store_settings = store_settings
-        self.moves = MoveBook.from_url(config.broker.url)  # connects on first use (C-MOVE)
+        # Connects on first use (C-MOVE); rides out a Redis restart like the job's state.
+        self.moves = MoveBook(outage_client(config.broker.url, config.worker.redis_outage_seconds))
         self.gate = gate or process_gate(config)
 
     def _transports(self, request: JobRequest) -> list[Transport]:
@@ -88,25 +93,37 @@ class JobRunner:
                 if exc.retryable:
                     raise
                 return Outcome(JobStatus.FAILED, Progress(), None, exc.message, exc.kind.value)
-            spool = next((s.spool_dir for s in sessions.values() if s.spool_dir), None)
+            spool_owner = next((name for name, s in sessions.items() if s.spool_dir), None)
+            spool = sessions[spool_owner].spool_dir if spool_owner else None
             spool = spool or Path(stack.enter_context(tempfile.TemporaryDirectory()))
             pipeline = InstancePipeline(
                 job_id, request, sessions, state, self.registry.hooks.hook,
                 spool, self.config.worker.progress_interval,
             )
             notes: list[TransportNote] = []
+            error: RetrieveError | None = None
             try:
                 gate = JobGate(self.gate, request.source, bulk=bulk, on_wait=state.waiting,
                                cancelled=pipeline.cancelled)
                 result, used = self._try_transports(job_id, request, transports, pipeline, notes,
                                                     gate)
             except RetrieveError as exc:
-                if exc.retryable:
+                error = exc
+            except OSError as exc:  # spooling on the store's file system failed
+                if spool_owner is None or not no_space_left(exc):
                     raise
-                return Outcome(JobStatus.FAILED, pipeline.progress, None, exc.message,
-                               exc.kind.value, tuple(notes))
+                pipeline.store_failed(spool_owner, exc)
             finally:
                 pipeline.flush()
+            if pipeline.failed_stores and (error is not None or pipeline.full_stores):
+                # The transport stopped because our own store failed (the PACS aborted
+                # after failed C-STOREs, the spool could not be written): that is the reason.
+                return self._store_failure(pipeline, notes)
+            if error is not None:
+                if error.retryable:
+                    raise error
+                return Outcome(JobStatus.FAILED, pipeline.progress, None, error.message,
+                               error.kind.value, tuple(notes))
             return self._decide(result, used, notes, pipeline)
 
     def _open_stores(self, job_id: str, request: JobRequest, stack: ExitStack) -> dict[str, StoreSession]:
@@ -125,9 +142,19 @@ class JobRunner:
             except Exception as exc:  # a plugin's own error types: still the store's fault
                 raise RetrieveError(ErrorKind.STORE, f"store {name!r} could not be opened: "
                                     f"{type(exc).__name__}: {exc}") from None
-            stack.callback(session.close)
+            stack.callback(self._close_store, job_id, name, session)
             sessions[name] = session
         return sessions
+
+    @staticmethod
+    def _close_store(job_id: str, name: str, session: StoreSession) -> None:
+        """Close a session; a failure here is logged only: what the job recorded was made
+        durable by the pipeline's last flush, and the job's outcome already says why not."""
+        try:
+            session.close()
+        except Exception as exc:
+            log.warning("store could not be closed cleanly", extra={
+                "job_id": job_id, "store": name, "reason": f"{type(exc).__name__}: {exc}"})
 
     def _try_transports(
         self, job_id: str, request: JobRequest, transports: list[Transport],
@@ -182,7 +209,7 @@ class JobRunner:
         progress = pipeline.progress
         problems = [text for _, text in pipeline.problems()] + result.problems
         # When our own store refused instances, the PACS's failure counts are a consequence.
-        kind = (ErrorKind.STORE.value if pipeline.store_failures else result.problem_kind) or next(
+        kind = (ErrorKind.STORE.value if pipeline.failed_stores else result.problem_kind) or next(
             (k.value for k, _ in pipeline.problems()), None)
         if result.cancelled:
             return Outcome(JobStatus.CANCELLED, progress, used, "cancelled by request",
@@ -191,15 +218,29 @@ class JobRunner:
         expected = result.expected if result.expected is not None else stored
         missing = expected - stored
         explained_failures = pipeline.refused + pipeline.invalid  # extras we refused ourselves
-        if not missing and result.peer_failed <= explained_failures and not pipeline.store_failures:
+        if not missing and result.peer_failed <= explained_failures and not pipeline.failed_stores:
             return Outcome(JobStatus.SUCCEEDED, progress, used, transport_notes=tuple(notes))
         summary = f"{len(missing)} of {len(expected)} instance(s) not stored"
         earlier = [f"{n.transport}: {n.error}" for n in notes]
         text = "; ".join([summary, *earlier, *problems]) if problems or notes else (
             summary + ": the PACS did not send them")
         status = JobStatus.PARTIAL if stored & expected else JobStatus.FAILED
+        # A store failing for any reason but a full disk may pass, like a connection failure;
+        # a transport says when the PACS stopped part-way for a reason that may pass.
+        retry = (bool(pipeline.failed_stores) or result.retry) and not pipeline.full_stores
         return Outcome(status, progress, used, text, kind or ErrorKind.PEER_STATUS.value,
-                       tuple(notes))
+                       tuple(notes), retry=retry)
+
+    @staticmethod
+    def _store_failure(pipeline: InstancePipeline, notes: list[TransportNote]) -> Outcome:
+        """The attempt ended because a store failed: partial when some instances are
+        stored. A full disk waits for an operator to free space; any other store failure
+        is retried like a connection failure."""
+        stored = len(pipeline.stored)
+        text = "; ".join(t for k, t in pipeline.problems() if k is ErrorKind.STORE)
+        return Outcome(JobStatus.PARTIAL if stored else JobStatus.FAILED, pipeline.progress,
+                       None, text, ErrorKind.STORE.value, tuple(notes),
+                       retry=not pipeline.full_stores)
 
     @staticmethod
     def _config_failure(message: str) -> Outcome:

@@ -13,8 +13,10 @@ import logging
 import os
 import socket
 import threading
+from dataclasses import replace
 from typing import Any
 
+import redis
 from celery import Task
 
 from pacsfetch import audit
@@ -25,6 +27,7 @@ from pacsfetch.models import BULK_ORIGINS, FINAL_STATUSES, JobStatus
 from pacsfetch.plugins.dimse.services import echo as dicom_echo
 from pacsfetch.plugins.find import find_studies as dicom_find_studies
 from pacsfetch.queue import ECHO_TASK, FIND_STUDIES_TASK, QUEUE, RETRIEVE_TASK, redis_priority
+from pacsfetch.redisconn import outage_client
 from pacsfetch.studyquery import StudyQuery
 from pacsfetch.workers import lifecycle
 from pacsfetch.workers.celery_app import app, config, registry, store_settings
@@ -37,12 +40,15 @@ _stores: dict[int, JobStore] = {}
 
 
 def jobstore() -> JobStore:
-    """One Redis client per process: prefork children must not share their parent's sockets."""
+    """One Redis client per process: prefork children must not share their parent's sockets.
+
+    Its calls ride out a Redis outage of up to ``[worker] redis_outage_seconds`` (a restart),
+    so a running job keeps going instead of failing on its next progress update."""
     pid = os.getpid()
     if pid not in _stores:
         _stores.clear()
-        _stores[pid] = JobStore.from_url(config.broker.url,
-                                         retention_days=config.jobs.retention_days)
+        client = outage_client(config.broker.url, config.worker.redis_outage_seconds)
+        _stores[pid] = JobStore(client, retention_days=config.jobs.retention_days)
     return _stores[pid]
 
 
@@ -72,8 +78,14 @@ class _Heartbeat(threading.Thread):
         self._stop_event = threading.Event()
 
     def run(self) -> None:
+        """Renew until stopped; an error (Redis away longer than the outage budget) is
+        logged and the next renewal tried, so the lease is back as soon as Redis is."""
         while not self._stop_event.wait(self._ttl / 3):
-            self._store.acquire_lease(self._job_id, self._owner, self._ttl)
+            try:
+                self._store.acquire_lease(self._job_id, self._owner, self._ttl)
+            except redis.RedisError as exc:
+                log.warning("could not renew the job's lease; trying again", extra={
+                    "job_id": self._job_id, "reason": type(exc).__name__})
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -134,23 +146,9 @@ def _attempt(task: Task, store: JobStore, job_id: str) -> bool:
             outcome = runner.run(job_id, job.request,
                                  lifecycle.HandBackState(RedisJobState(store, job_id)),
                                  bulk=job.origin in BULK_ORIGINS)
-    except RetrieveError as exc:
-        retries = task.request.retries
-        if retries < config.worker.max_retries:  # the runner raises only retryable errors
-            JOB_RETRIES.labels(job.request.source, exc.kind.value).inc()
-            countdown = config.worker.retry_backoff * (2**retries)
-            store.transition(
-                job_id, JobStatus.QUEUED, allowed_from=[JobStatus.RUNNING],
-                error=f"attempt {attempt} failed, retrying in {countdown:g} s: {exc.message}",
-                error_kind=exc.kind.value,
-            )
-            log.warning("attempt failed; retrying", extra={
-                "job_id": job_id, "attempt": attempt, "error_kind": exc.kind.value})
-            raise task.retry(countdown=countdown, priority=redis_priority(job.request.priority),
-                             max_retries=config.worker.max_retries) from None
-        gave_up = f" (gave up after {attempt} attempts)" if attempt > 1 else ""
-        outcome = Outcome(JobStatus.FAILED, store.get(job_id).progress, None,
-                          exc.message + gave_up, exc.kind.value)
+    except RetrieveError as exc:  # the runner raises only retryable errors
+        outcome = Outcome(JobStatus.FAILED, store.get(job_id).progress, None, exc.message,
+                          exc.kind.value, retry=True)
     except Exception as exc:  # a bug, not the PACS: fail the job loudly, keep the worker
         log.exception("job crashed", extra={"job_id": job_id})
         outcome = Outcome(JobStatus.FAILED, store.get(job_id).progress, None,
@@ -165,6 +163,24 @@ def _attempt(task: Task, store: JobStore, job_id: str) -> bool:
         log.info("job handed back", extra={"job_id": job_id, "attempt": attempt,
                                            "completed": outcome.progress.completed})
         return True
+    if outcome.retry:
+        retries = task.request.retries
+        if retries < config.worker.max_retries:
+            kind = outcome.error_kind or "internal"
+            JOB_RETRIES.labels(job.request.source, kind).inc()
+            countdown = config.worker.retry_backoff * (2**retries)
+            store.set_progress(job_id, outcome.progress)
+            store.transition(
+                job_id, JobStatus.QUEUED, allowed_from=[JobStatus.RUNNING],
+                error=f"attempt {attempt} failed, retrying in {countdown:g} s: {outcome.error}",
+                error_kind=kind,
+            )
+            log.warning("attempt failed; retrying", extra={
+                "job_id": job_id, "attempt": attempt, "error_kind": kind})
+            raise task.retry(countdown=countdown, priority=redis_priority(job.request.priority),
+                             max_retries=config.worker.max_retries) from None
+        if attempt > 1:
+            outcome = replace(outcome, error=f"{outcome.error} (gave up after {attempt} attempts)")
     _finish(store, job_id, outcome)
     return False
 

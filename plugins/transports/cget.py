@@ -290,7 +290,8 @@ class _Stripes:
     own slot from the gate, so the fleet-wide cap counts every association; it takes the
     next unit (a series, or a list of instances) until none is left. All stripes feed the
     same sink, which is not thread-safe: calls into the sink and the progress reporter go
-    through one lock, held for the store of one instance and never across a network read.
+    through one lock, held for one instance's store (or the progress it flushes), never while
+    reading from the PACS.
 
     A failure in the middle of a C-GET stops the other stripes after their current unit
     and is the job's error. A stripe that cannot open its association while another works
@@ -366,6 +367,7 @@ class _Stripes:
         assoc: Association | None = None
         plan: AssociationPlan | None = None
         msg_ids = itertools.count(1)
+        store = self.handler
         try:
             while True:
                 if slot is None:
@@ -384,7 +386,8 @@ class _Stripes:
                     if assoc is None:
                         return
                     plan, msg_ids = unit.plan, itertools.count(1)
-                self._get(n, assoc, unit, next(msg_ids))
+                    store = self._rated(assoc)
+                self._get(n, assoc, unit, next(msg_ids), store)
                 if slot.should_yield() is not None:  # bulk work: a window closed, or a job waits
                     assoc.release()
                     assoc = None
@@ -459,7 +462,27 @@ class _Stripes:
                                    source.calling_ae_title)
         return assoc
 
-    def _get(self, n: int, assoc: Association, unit: _Unit, msg_id: int) -> None:
+    def _rated(self, assoc: Association) -> StoreHandler:
+        """The store handler for *assoc*, held to the source's ``max_mb_per_second``: after
+        each instance it draws what the association received from the fleet's budget,
+        sleeping (before the C-STORE-RSP, so the PACS waits) while the source is over it."""
+        limiter = self.gate.rate()
+        if limiter is None:
+            return self.handler
+        handler, consume = self.handler, limiter.consume
+        counted = 0
+
+        def rated(path: Path, sop_class_uid: str, sop_instance_uid: str) -> int:
+            nonlocal counted
+            status = handler(path, sop_class_uid, sop_instance_uid)
+            consume(assoc.received_bytes - counted)
+            counted = assoc.received_bytes
+            return status
+
+        return rated
+
+    def _get(self, n: int, assoc: Association, unit: _Unit, msg_id: int,
+             store: StoreHandler) -> None:
         """One C-GET on stripe *n*'s association, its progress merged with the others'."""
         model = assoc.context(GET_MODEL)
         assert model is not None  # checked by _require_get_model
@@ -476,7 +499,7 @@ class _Stripes:
 
         try:
             outcome = c_get(assoc, model, unit.identifier, msg_id,
-                            spool_dir=self.ctx.sink.spool_dir, store=self.handler,
+                            spool_dir=self.ctx.sink.spool_dir, store=store,
                             pending=pending, cancelled=self.cancelled)
         except DimseError as exc:
             raise dimse_failure(exc, self.where, f"C-GET (after {len(counters.received)} "
@@ -498,7 +521,10 @@ class _Stripes:
                     f"{status_hint(final_code)}.",
                 )
             self._report()
-        busy = retrieve_pushback(self.where, "C-GET", final_code, completed + warning, 0)
+        # Sub-operations that failed were attempted (often refused by our own store): only a
+        # PACS that attempted none was out of resources before it began.
+        attempted = completed + warning + failed
+        busy = retrieve_pushback(self.where, "C-GET", final_code, attempted, 0)
         if busy is not None and not self.tentative and not outcome.cancel_sent:
             raise busy  # out of resources before sending any: retry later, more slowly
 

@@ -105,6 +105,16 @@ def _silent_pacs(timeout: float, completed: int, received: int, where: str,
     )
 
 
+def _job_has_any(ctx: RetrieveContext, moves: MoveTracker) -> int:
+    """Instances the receiver stored for the job, in earlier attempts and this one.
+
+    The job's own records decide whether the way back to the receiver works, not the
+    PACS's sub-operation counts, which a failure answer may lack (Orthanc's does): a C-MOVE
+    that fails with any of them stored is a PACS stopping part-way, never "moved nothing".
+    """
+    return len(ctx.already_stored) + moves.collect_now()
+
+
 class CMoveTransport:
     """C-MOVE to ``pacsfetch receiver``, correlated with the job through move expectations."""
 
@@ -147,7 +157,7 @@ class CMoveTransport:
             received = self._settle(moves, counters, source.timeout)
         finally:
             moves.withdraw()
-        self._explain(counters, received, where, destination)
+        self._explain(counters, received, where, destination, len(ctx.already_stored))
         self._report_refusals(counters, moves.refused(), destination)
         return RetrieveResult(
             expected=expected,
@@ -222,7 +232,7 @@ class CMoveTransport:
         if final_code == 0xFE00 or cancel_sent:
             counters.cancelled = True
         elif final_code not in (0x0000, 0xB000) and not delivered and not (
-                arrived := moves.collect_now() - received_before):
+                arrived := moves.collect_now() - received_before) and not _job_has_any(ctx, moves):
             # Many PACS (Orthanc among them) answer an unknown destination and a refused
             # connection back with the same generic failure: name both causes.
             comment = status.get(m.ERROR_COMMENT)
@@ -239,12 +249,13 @@ class CMoveTransport:
             # The PACS's failure answer may lack sub-operation counts (Orthanc's does): then
             # the receiver's records of this job say that part of the study arrived.
             comment = status.get(m.ERROR_COMMENT)
-            arrived = delivered or arrived
+            arrived = delivered or moves.collect_now() - received_before
             counters.problem(
                 ErrorKind.PEER_STATUS,
                 f"{where} ended a C-MOVE with status 0x{final_code:04X}{status_hint(final_code)}"
                 f"{f' ({comment})' if comment else ''} after {arrived} instance(s) of it "
-                "arrived: the PACS stopped part-way; a retry resumes.",
+                f"arrived, {_job_has_any(ctx, moves)} stored for the job so far: the PACS "
+                "stopped part-way; a retry resumes.",
             )
             return True
         return False
@@ -272,11 +283,12 @@ class CMoveTransport:
                 f"for this job ({reasons}); see its log and pacsfetch_receiver_refusals_total"))
 
     @staticmethod
-    def _explain(counters: SubOperations, received: int, where: str, destination: str) -> None:
+    def _explain(counters: SubOperations, received: int, where: str, destination: str,
+                 stored_before: int) -> None:
         """Turn what the PACS and the receiver report into an operator's next step."""
         if counters.cancelled:
             return
-        if counters.failed and not received:
+        if counters.failed and not received and not stored_before:
             raise RetrieveError(
                 ErrorKind.MOVE_DESTINATION,
                 f"{where} could not deliver any of {counters.failed} instance(s) to move "

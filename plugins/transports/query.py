@@ -130,10 +130,13 @@ def find_instances(source: SourceConfig, request: JobRequest) -> Inventory:
                    if source.max_results else "") + ".",
             )
         modalities: dict[str, str | None] = {}
+        invalid = {"series": 0, "instance": 0}
         for found in found_series:
             uid = str(found.get("SeriesInstanceUID", ""))
             if is_valid_uid(uid):
                 modalities[uid] = str(found.get("Modality", "")) or None
+            else:
+                invalid["series"] += 1
         if request.series_uid and not modalities:
             modalities[request.series_uid] = None  # the PACS may not list it; ask anyway
         wanted = set(request.sop_uids)
@@ -154,14 +157,16 @@ def find_instances(source: SourceConfig, request: JobRequest) -> Inventory:
                     capped_series.add(series_uid)
                 for found in matches:
                     ref = _instance_ref(found, series_uid, modalities[series_uid])
-                    if ref and (not wanted or ref.sop_instance_uid in wanted):
+                    if ref is None:
+                        invalid["instance"] += 1
+                    elif not wanted or ref.sop_instance_uid in wanted:
                         refs[ref.sop_instance_uid] = ref
+        if any(invalid.values()):
+            log.warning("the PACS listed malformed UIDs; those entries are ignored",
+                        extra={"source": request.source, "invalid_series": invalid["series"],
+                               "invalid_instances": invalid["instance"]})
         if not refs:
-            raise RetrieveError(
-                ErrorKind.QUERY,
-                f"{where} holds no instances matching the job (C-FIND found none): check the "
-                "UIDs, or whether the PACS lets this AE see the study.",
-            )
+            raise RetrieveError(ErrorKind.QUERY, _nothing_found(where, invalid))
         if capped_series:
             log.warning("the PACS capped image-level C-FIND answers; those series are "
                         "retrieved whole", extra={"source": request.source,
@@ -169,6 +174,23 @@ def find_instances(source: SourceConfig, request: JobRequest) -> Inventory:
         return Inventory(list(refs.values()), frozenset(capped_series))
     finally:
         assoc.release()
+
+
+_LEVELS = {"series": ("series", "SERIES"), "instance": ("instance(s)", "IMAGE")}
+"""How the error names each kind of entry, and the C-FIND level the PACS lists it at."""
+
+
+def _nothing_found(where: str, invalid: dict[str, int]) -> str:
+    """Why the plan is empty: nothing matched, or only entries with malformed UIDs did."""
+    listed = [f"{invalid[what]} {noun} with invalid UIDs at {level} level"
+              for what, (noun, level) in _LEVELS.items() if invalid[what]]
+    if listed:
+        return (f"{where} listed {' and '.join(listed)} in its C-FIND answers (not DICOM "
+                "UIDs: digits and dots, no leading zeros, at most 64 characters), and no "
+                "valid one: the PACS's data or its C-FIND is broken; nothing can be retrieved "
+                "by such UIDs.")
+    return (f"{where} holds no instances matching the job (C-FIND found none): check the "
+            "UIDs, or whether the PACS lets this AE see the study.")
 
 
 def _instance_ref(found: Dataset, series_uid: str, modality: str | None) -> InstanceRef | None:
