@@ -20,6 +20,7 @@ from pacsfetch.jobstore import JobStore
 from pacsfetch.migrations import MigrationStore
 from pacsfetch.prefetch import PrefetchStore
 from pacsfetch.queue import make_celery
+from pacsfetch.retention import retention_seconds
 from pacsfetch.tokens import TOKEN_ENV, TOKENS_ENV, TokenError, load_tokens
 
 ANSWERS = {
@@ -67,13 +68,15 @@ def create_app(config: Config | None = None) -> FastAPI:
                                            retention_days=config.jobs.retention_days)
     app.state.celery = make_celery(config)
     app.state.submitter = GroupCommit(app.state.jobstore, app.state.celery)
-    app.state.migrations = MigrationStore.from_url(config.broker.url)
+    app.state.migrations = MigrationStore.from_url(
+        config.broker.url, retention_seconds=retention_seconds(config))
     app.state.metrics = metrics.build_registry(config.broker.url, app.state.jobstore)
     protected = [Depends(authorize)]
     app.include_router(jobs.router, dependencies=protected, responses=ANSWERS)
     app.include_router(sources.router, dependencies=protected, responses=ANSWERS)
     app.include_router(migrations.router, dependencies=protected, responses=ANSWERS)
-    app.state.prefetch = PrefetchStore.from_url(config.broker.url)
+    app.state.prefetch = PrefetchStore.from_url(config.broker.url,
+                                                retention_seconds=retention_seconds(config))
     app.include_router(prefetch.router, dependencies=protected, responses=ANSWERS)
     app.include_router(metrics.router)  # no token, like /healthz: see api/metrics.py
 

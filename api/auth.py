@@ -140,6 +140,12 @@ def _check(caller: Caller, scope: str) -> None:
                             f"token {caller.name!r} lacks the {scope!r} scope")
 
 
+async def require_admin(caller: CallerDep) -> None:
+    """Route dependency for what reaches a whole archive (creating and steering migrations):
+    the ``admin`` scope, beyond the router's ``submit``."""
+    _check(caller, "admin")
+
+
 async def authorize(request: Request, caller: CallerDep,
                     _: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     """Router dependency: ``read`` for GET, ``submit`` for anything else."""

@@ -12,11 +12,18 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
 
+from pacsfetch.api.auth import CallerDep
 from pacsfetch.api.deps import get_config, get_jobstore
 from pacsfetch.config import Config
 from pacsfetch.jobstore import JobNotFound, JobStore
-from pacsfetch.prefetch import PrefetchNotFound, PrefetchRecord, PrefetchRequest, PrefetchStore
-from pacsfetch.prefetch_intake import NoRule, request_prefetch
+from pacsfetch.prefetch import (
+    FINAL,
+    PrefetchNotFound,
+    PrefetchRecord,
+    PrefetchRequest,
+    PrefetchStore,
+)
+from pacsfetch.prefetch_intake import NoRule, audit_prefetch, request_prefetch
 
 router = APIRouter(prefix="/prefetch", tags=["prefetch"])
 
@@ -47,11 +54,12 @@ def _with_job_status(record: PrefetchRecord, jobs: JobStore) -> PrefetchRecord:
              responses={422: {"description": "A field is invalid or no rule applies; "
                                              "`detail[].loc` names the field."}})
 def create_prefetch(body: PrefetchRequest, response: Response, config: ConfigDep,
-                    store: PrefetchDep) -> PrefetchRecord:
+                    store: PrefetchDep, caller: CallerDep) -> PrefetchRecord:
     """Schedule a prefetch of the patient's priors; follow it at the `Location` URL. A second
-    request for the same order (patient and accession number) returns the first."""
+    request for the same order (patient and accession number) returns the first while it
+    is live; after a cancel, a new request schedules the order again."""
     try:
-        record, _ = request_prefetch(store, config, body, "api")
+        record, _ = request_prefetch(store, config, body, "api", caller.name)
     except NoRule as exc:
         field = "rule" if body.rule is not None else "current"
         raise RequestValidationError([{"loc": ("body", field), "msg": str(exc),
@@ -76,3 +84,21 @@ def list_prefetches(store: PrefetchDep, jobs: JobsDep,
                     limit: Annotated[int, Query(ge=1, le=500)] = 100) -> list[PrefetchRecord]:
     """A patient's prefetch requests, newest first."""
     return [_with_job_status(record, jobs) for record in store.for_patient(patient_id, limit)]
+
+
+@router.delete("/{prefetch_id}", response_model=PrefetchRecord,
+               responses={409: {"description": "The prefetch already finished."}})
+def cancel_prefetch(prefetch_id: str, store: PrefetchDep, config: ConfigDep,
+                    caller: CallerDep) -> PrefetchRecord:
+    """Cancel a prefetch that has not finished (retrieve jobs already submitted go on: other
+    requests may share them). A repeat of its order from the worklist or the RIS leaves it
+    cancelled; a new `POST /prefetch` for it schedules it again."""
+    try:
+        record = store.get(prefetch_id)
+    except PrefetchNotFound:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no prefetch {prefetch_id!r}") from None
+    if record.status in FINAL:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"prefetch already {record.status.value}")
+    cancelled = store.cancel(prefetch_id, f"cancelled by {caller.name}")
+    audit_prefetch(config, "prefetch.cancel", cancelled, caller.name)
+    return cancelled

@@ -19,11 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import apiload, dimse_paths, report, tools
+from benchmarks import migration as migration_bench
 from benchmarks import prefetch as prefetch_bench
 from benchmarks.environment import FULL, QUICK, Environment, Plan
 from pacsfetch.plugins.registry import get_registry
 
-PARTS = ("tools", "nagle", "queued", "move", "forward", "wan", "scaling", "api", "prefetch")
+PARTS = ("tools", "nagle", "queued", "move", "forward", "wan", "scaling", "api", "prefetch",
+         "migration")
 API_WORKERS = 2
 """``pacsfetch api --workers``: one process per core of the 2-core reference machine."""
 
@@ -47,6 +49,7 @@ def run(workdir: Path, quick: bool, only: set[str]) -> dict[str, Any]:
     rows: list[tools.Measurement] = []
     api: dict[str, Any] = {}
     prefetch: dict[str, Any] = {}
+    migration: dict[str, Any] = {}
     shutil.rmtree(workdir / "peers", ignore_errors=True)
     shutil.rmtree(workdir / "runs", ignore_errors=True)
     runs = workdir / "runs"
@@ -59,11 +62,14 @@ def run(workdir: Path, quick: bool, only: set[str]) -> dict[str, Any]:
 
     if "prefetch" in only:  # its own Redis and Orthancs: none of the studies below
         prefetch = prefetch_bench.run(runs, quick)
-        if only == {"prefetch"}:
-            return {"taken": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                    "machine": report.machine(), "mode": "quick" if quick else "full",
-                    "notes": notes, "measurements": [], "prefetch": prefetch, "targets": [],
-                    "seconds": round(time.perf_counter() - started, 1), "_rows": rows}
+    if "migration" in only:  # its own Redis and generator C-FIND SCP
+        migration = migration_bench.run(runs, quick)
+    if only <= {"prefetch", "migration"}:
+        return {"taken": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "machine": report.machine(), "mode": "quick" if quick else "full",
+                "notes": notes, "measurements": [], "prefetch": prefetch,
+                "migration": migration, "targets": [],
+                "seconds": round(time.perf_counter() - started, 1), "_rows": rows}
     with Environment(workdir, plan) as env:
         assert env.redis is not None
         print(f"peers ready in {time.perf_counter() - started:.0f} s", flush=True)
@@ -122,6 +128,7 @@ def run(workdir: Path, quick: bool, only: set[str]) -> dict[str, Any]:
         "measurements": [r.as_json() for r in rows],
         "api": api,
         "prefetch": prefetch,
+        "migration": migration,
         "targets": report.ratios(rows) + report.api_targets(api),
         "seconds": round(time.perf_counter() - started, 1),
         "_rows": rows,

@@ -358,6 +358,7 @@ def hl7() -> None:
     from pacsfetch.logs import configure_logging
     from pacsfetch.metrics import serve_hl7_metrics
     from pacsfetch.prefetch import PrefetchStore
+    from pacsfetch.retention import retention_seconds
     from pacsfetch.workers.hl7_listener import Hl7Listener
 
     config = _load()
@@ -366,7 +367,8 @@ def hl7() -> None:
         serve_hl7_metrics(config.metrics)
     except ConfigError as exc:
         _fail(f"configuration error in {exc}")
-    listener = Hl7Listener(config, PrefetchStore.from_url(config.broker.url))
+    listener = Hl7Listener(config, PrefetchStore.from_url(
+        config.broker.url, retention_seconds=retention_seconds(config)))
     try:
         asyncio.run(listener.serve())
     except KeyboardInterrupt:

@@ -6,7 +6,6 @@ from any machine that reaches it.
 
 from __future__ import annotations
 
-import csv
 import json
 import sys
 import time
@@ -19,30 +18,19 @@ from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsed
 from rich.progress import Progress as Bar
 
 from pacsfetch.cli import _api_call, _client, _fail, api_option, console
-from pacsfetch.migrations import MigrationStatus
+from pacsfetch.migrations import CSV_KEYS, CsvProblem, MigrationStatus, read_key_csv
 
 EXIT_CODES = {MigrationStatus.SUCCEEDED: 0, MigrationStatus.FAILED: 1,
               MigrationStatus.PARTIAL: 3, MigrationStatus.CANCELLED: 4}
-CSV_KEYS = {"patient_id": "patient_ids", "accession_number": "accession_numbers",
-            "study_uid": "study_uids"}
 
 
-def _csv_keys(path: Path, column: str) -> list[str]:
-    """The values of *column* (or of the only column) of a CSV file, blanks skipped."""
-    with path.open(newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.reader(fh))
-    if not rows:
-        return []
-    header = [h.strip().lower() for h in rows[0]]
-    if column in header:
-        index, rows = header.index(column), rows[1:]
-    elif len(header) == 1:
-        index = 0
-        if header[0] in CSV_KEYS:
-            rows = rows[1:]
-    else:
-        _fail(f"{path}: no column {column!r} (columns: {', '.join(header)})")
-    return [row[index].strip() for row in rows if len(row) > index and row[index].strip()]
+def _csv_keys(path: Path, column: str) -> tuple[str, list[str]]:
+    """The filter list a CSV file fills, checked here so a problem names its line."""
+    try:
+        field, values, _ = read_key_csv(path.read_text(encoding="utf-8-sig"), column)
+    except (CsvProblem, UnicodeDecodeError) as exc:
+        _fail(f"{path}: {exc}")
+    return field, values
 
 
 @click.command()
@@ -77,7 +65,8 @@ def migrate(source: str, stores: tuple[str, ...], date_from: str | None, date_to
     if date_to:
         flt["to"] = date_to
     if csv_file is not None:
-        flt[CSV_KEYS[key]] = _csv_keys(csv_file, key)
+        field, values = _csv_keys(csv_file, key)
+        flt[field] = values
     body = {"source": source, "stores": list(stores), "filter": flt, "transport": transport,
             "priority": priority, "max_in_flight": max_in_flight}
     with _client(api_url) as client:

@@ -90,8 +90,8 @@ def broker_check(url: str) -> Check:
 
 
 def writable_check(directory: str | None = None) -> Check:
-    """A file can be created in *directory* (default: the temporary directory, where
-    pynetdicom spools incoming data sets): a full or read-only volume is not ready."""
+    """A file can be created in *directory* (default: the temporary directory, where the
+    move receiver spools incoming data sets): a full or read-only volume is not ready."""
 
     def check() -> str | None:
         where = directory or tempfile.gettempdir()

@@ -81,6 +81,9 @@ class Order:
 
     action: Literal["new", "cancel"]
     message_type: str
+    renews: bool
+    """An explicit new order (ORC-1 = NW, SIU^S12): it schedules a cancelled order again,
+    where a change (XO) or status (SC) message for it does not."""
     patient_id: str
     issuer_of_patient_id: str | None
     modality: str | None
@@ -163,8 +166,10 @@ def read_order(message: hl7.Message, config: Hl7Config) -> Order:
     if action == "cancel" and accession is None:
         raise OrderRefused("AE", f"a cancel needs the order's accession number ({where_accession})")
     kind, event = _kind(message)
+    renews = action == "new" and (kind == "SIU" or (_value(message, "ORC-1") or "").upper() == "NW")
     return Order(
         action="new" if action == "new" else "cancel", message_type=f"{kind}^{event}",
+        renews=renews,
         patient_id=patient_id,
         issuer_of_patient_id=_first(message, fields.issuer_of_patient_id)[0],
         modality=modality.upper() if modality else None,

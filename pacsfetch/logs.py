@@ -2,7 +2,7 @@
 
 Log records carry job ids, source and store names, counters and error kinds as fields
 (``extra={...}``); never patient names or ids, and no identifiers from DICOM data sets.
-pynetdicom's own identifier logging is switched off where it is imported.
+The DIMSE engine (:mod:`pacsfetch.plugins.dimse`) logs nothing per message.
 """
 
 from __future__ import annotations

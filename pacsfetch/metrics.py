@@ -54,7 +54,23 @@ QUEUE_MESSAGES = "pacsfetch_queue_messages"
 queue and job priority (9 most urgent)."""
 JOBS_BY_STATUS = "pacsfetch_jobs"
 """Gauge collected by the API at scrape time: jobs in the job store, by status."""
-SCRAPE_TIME_METRICS = (QUEUE_MESSAGES, JOBS_BY_STATUS)
+MIGRATIONS = "pacsfetch_migrations"
+"""Gauge collected by the API at scrape time: migrations Redis holds, by status."""
+MIGRATION_STUDIES = "pacsfetch_migration_studies"
+"""Gauge (scrape time): studies in migration plans, by source and study state (`planned`,
+`running`, `skipped`, `verified`, `mismatch`, `failed`)."""
+MIGRATION_INSTANCES_PLANNED = "pacsfetch_migration_instances_planned"
+"""Gauge (scrape time): instances the sources reported for the plans, by source."""
+MIGRATION_INSTANCES_MOVED = "pacsfetch_migration_instances_moved"
+"""Gauge (scrape time): instances moved by migrations, by source. A gauge, not a counter:
+it is read from the migration records, which expire after the retention."""
+MIGRATION_BYTES_MOVED = "pacsfetch_migration_bytes_moved"
+"""Gauge (scrape time): bytes moved by migrations, by source."""
+MIGRATION_ETA = "pacsfetch_migration_eta_seconds"
+"""Gauge (scrape time): the longest ETA of an unfinished migration, by source."""
+SCRAPE_TIME_METRICS = (QUEUE_MESSAGES, JOBS_BY_STATUS, MIGRATIONS, MIGRATION_STUDIES,
+                       MIGRATION_INSTANCES_PLANNED, MIGRATION_INSTANCES_MOVED,
+                       MIGRATION_BYTES_MOVED, MIGRATION_ETA)
 
 # --- workers: jobs ------------------------------------------------------------------------
 JOB_ATTEMPTS = Counter(
@@ -165,7 +181,7 @@ RECEIVER_REFUSALS = Counter(
     "pacsfetch_receiver_refusals",
     "Associations and instances the move receiver refused, by reason (see "
     "pacsfetch.workers.receiver_policy.Refusal: unknown-address, busy, idle, wrong-peer, "
-    "not-planned, conflicting-copy).",
+    "not-planned, conflicting-copy, tls).",
     ["reason"],
 )
 

@@ -9,7 +9,7 @@ its job (see :mod:`pacsfetch.workers.migrate`).
 Layout (``P`` is the key prefix, ``pacsfetch`` by default), all of it plain Redis so that a
 migration survives the restart of any process and, with AOF, of Redis itself:
 
-- ``P:mig:ID`` hash: ``request`` (JSON), ``status``, ``created_at``, ``finished_at``,
+- ``P:mig:ID`` hash: ``request`` (JSON), ``status``, ``created_by``, ``created_at``, ``finished_at``,
   ``plan_done``, ``plan_cursor`` (where planning resumes), counters ``n:STATE`` (studies in
   each state), ``instances_planned``, ``instances_done``, ``instances_moved``,
   ``bytes_moved``, rate and ETA fields, ``paused``, ``cancel``, ``error``, ``waiting_until``;
@@ -21,30 +21,42 @@ migration survives the restart of any process and, with AOF, of Redis itself:
 - ``P:mig:ID:missing:STUDY`` list of the SOP Instance UIDs a verification found missing.
 
 Every change of a study's state is one Lua script that moves the study between counters,
-so the counts always add up to the plan, whatever crashed in between.
+so the counts always add up to the plan, whatever crashed in between. A finished migration's
+keys expire after ``[jobs] retention_days``, like a job's; the retention sweep then drops
+its id from ``P:migs``.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
 import redis
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    model_validator,
+)
 
 from pacsfetch.models import UID
 from pacsfetch.studyquery import date_bounds
 
 MAX_LIST_FILTER = 100_000
 """Patient IDs, accession numbers or study UIDs one migration may list."""
+CSV_KEYS = {"patient_id": "patient_ids", "accession_number": "accession_numbers",
+            "study_uid": "study_uids"}
+"""A CSV column header -> the filter list it fills."""
 MAX_MISSING_RECORDED = 1000
 """Missing SOP Instance UIDs kept per mismatched study (the count is always exact)."""
 
@@ -94,6 +106,11 @@ class MigrationFilter(BaseModel):
         return f"{self.date_from or ''}-{self.date_to or ''}"
 
 
+_CSV_ITEM = {name: TypeAdapter(MigrationFilter.model_fields[name].annotation.__args__[0])
+             for name in CSV_KEYS.values()}
+"""One entry of each list filter, validated alone (for :func:`read_key_csv`)."""
+
+
 class MigrationRequest(BaseModel):
     """``POST /migrations``: from which source, into which stores, which studies."""
 
@@ -114,6 +131,68 @@ class MigrationRequest(BaseModel):
         if len(set(self.stores)) != len(self.stores):
             raise ValueError("stores lists a store twice")
         return self
+
+
+class CsvProblem(ValueError):
+    """A CSV list of studies that cannot be used; says where (1-based line, column)."""
+
+    def __init__(self, line: int, column: str | None, message: str) -> None:
+        where = f"line {line}" + (f", column {column}" if column else "")
+        super().__init__(f"{where}: {message}")
+        self.line, self.column, self.message = line, column, message
+
+
+def read_key_csv(text: str, key: str | None = None) -> tuple[str, list[str], list[int]]:
+    """The studies a CSV lists: (filter list name, values, the line of each value).
+
+    The first row names the column (``patient_id``, ``accession_number`` or ``study_uid``;
+    other columns are ignored); a file of one column without a header needs *key*. Blank
+    cells are skipped; each value is checked as the filter checks it, so a problem is
+    reported at its line and column rather than as an index into a list.
+    """
+    if key is not None and key not in CSV_KEYS:
+        raise CsvProblem(1, None, f"key must be one of {', '.join(CSV_KEYS)}")
+    try:
+        rows = list(csv.reader(io.StringIO(text.lstrip("\ufeff"), newline="")))
+    except csv.Error as exc:
+        raise CsvProblem(1, None, f"not CSV: {exc}") from None
+    if not rows:
+        raise CsvProblem(1, None, "the CSV is empty")
+    header = [cell.strip().lower() for cell in rows[0]]
+    known = [name for name in header if name in CSV_KEYS]
+    if known:
+        column = key or known[0]
+        if column not in header:
+            raise CsvProblem(1, None, f"no column {column!r} (columns: {', '.join(header)})")
+        index, first = header.index(column), 2
+    elif len(header) == 1 and key is not None:
+        column, index, first = key, 0, 1
+    else:
+        raise CsvProblem(1, None, "the first row must name the column: patient_id, "
+                         "accession_number or study_uid (or give key for a file of one "
+                         "column without a header)")
+    list_name = CSV_KEYS[column]
+    check = _CSV_ITEM[list_name]
+    values: list[str] = []
+    lines: list[int] = []
+    for line, row in enumerate(rows[first - 1:], first):
+        value = row[index].strip() if len(row) > index else ""
+        if not value:
+            continue
+        if "*" in value or "?" in value:
+            raise CsvProblem(line, column, f"{value[:80]!r} holds a C-FIND wildcard (* or ?): "
+                             "list exact values")
+        try:
+            check.validate_python(value)
+        except ValidationError as exc:
+            raise CsvProblem(line, column, f"{value[:80]!r}: {exc.errors()[0]['msg']}") from None
+        if len(values) == MAX_LIST_FILTER:
+            raise CsvProblem(line, column, f"more than {MAX_LIST_FILTER} entries")
+        values.append(value)
+        lines.append(line)
+    if not values:
+        raise CsvProblem(first, column, "no values in the column")
+    return list_name, values, lines
 
 
 class MigrationStatus(StrEnum):
@@ -164,6 +243,7 @@ class MigrationRecord(BaseModel):
     id: str
     status: MigrationStatus
     request: MigrationRequest
+    created_by: str | None = Field(None, description="The API token's name (or `anonymous`).")
     created_at: datetime
     finished_at: datetime | None = None
     plan_complete: bool = Field(False, description="Planning has enumerated every study.")
@@ -284,16 +364,22 @@ def _now() -> datetime:
 class MigrationStore:
     """All reads and writes of migration state go through here (API and workers alike)."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "pacsfetch") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "pacsfetch", *,
+                 retention_seconds: int | None = None) -> None:
+        """*retention_seconds*: how long a finished migration stays (``[jobs]
+        retention_days``); None keeps it (tools that only read)."""
         self._r = client
         self._p = prefix
+        self._retention = retention_seconds
         self._add = client.register_script(_ADD)
         self._take = client.register_script(_TAKE)
         self._set = client.register_script(_SET)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "pacsfetch") -> MigrationStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True), prefix)
+    def from_url(cls, url: str, prefix: str = "pacsfetch", *,
+                 retention_seconds: int | None = None) -> MigrationStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True), prefix,
+                   retention_seconds=retention_seconds)
 
     @property
     def client(self) -> redis.Redis:
@@ -312,12 +398,12 @@ class MigrationStore:
         return f"{self._p}:migs:active"
 
     # creation and reading ---------------------------------------------------------------
-    def create(self, request: MigrationRequest) -> MigrationRecord:
+    def create(self, request: MigrationRequest, created_by: str | None = None) -> MigrationRecord:
         mig_id = uuid.uuid4().hex
         created = _now()
         pipe = self._r.pipeline(transaction=True)
         pipe.hset(self.key(mig_id), mapping={
-            "request": request.model_dump_json(by_alias=True),
+            "request": request.model_dump_json(by_alias=True), "created_by": created_by or "",
             "status": MigrationStatus.PLANNING.value, "created_at": created.isoformat(),
             "plan_done": "0", "limit": str(request.max_in_flight)})
         pipe.zadd(self._all, {mig_id: created.timestamp()})
@@ -366,6 +452,7 @@ class MigrationStore:
         return MigrationRecord(
             id=mig_id, status=status,
             request=MigrationRequest.model_validate_json(data["request"]),
+            created_by=data.get("created_by") or None,
             created_at=datetime.fromisoformat(data["created_at"]),
             finished_at=_time(data.get("finished_at")),
             plan_complete=data.get("plan_done") == "1", studies=counts,
@@ -449,6 +536,38 @@ class MigrationStore:
         pipe.hdel(self.key(mig_id), "waiting_until")
         pipe.srem(self._active, mig_id)
         pipe.execute()
+        if self._retention is not None:
+            self._expire(mig_id, self._retention)
+
+    def _keys(self, mig_id: str) -> Iterator[str]:
+        """Every key of a migration (the missing-UID lists of failed and mismatched studies
+        found by reading the plan once)."""
+        yield from (self.key(mig_id), self.key(mig_id, "studies"), self.key(mig_id, "queue"),
+                    self.key(mig_id, "inflight"))
+        for row in self.scan_studies(mig_id):
+            if row.state in (StudyState.MISMATCH, StudyState.FAILED):
+                yield self.key(mig_id, f"missing:{row.study_uid}")
+
+    def _expire(self, mig_id: str, seconds: int | None) -> None:
+        """Let every key of the migration expire after *seconds*; None keeps them again."""
+        pipe = self._r.pipeline(transaction=False)
+        for n, key in enumerate(self._keys(mig_id), 1):
+            pipe.expire(key, seconds) if seconds is not None else pipe.persist(key)
+            if n % 1000 == 0:
+                pipe.execute()
+        pipe.execute()
+
+    def prune_index(self) -> int:
+        """Drop the ids of expired migrations from the index; how many (retention sweep)."""
+        ids = self._r.zrange(self._all, 0, -1)
+        pipe = self._r.pipeline(transaction=False)
+        for mig_id in ids:
+            pipe.exists(self.key(mig_id))
+        gone = [i for i, present in zip(ids, pipe.execute(), strict=True) if not present]
+        if gone:
+            self._r.zrem(self._all, *gone)
+            self._r.srem(self._active, *gone)
+        return len(gone)
 
     # control ----------------------------------------------------------------------------
     def pause(self, mig_id: str, paused: bool) -> MigrationRecord:
@@ -475,6 +594,7 @@ class MigrationStore:
                                done_instances=-(row.instances_source or 0))
                 again += 1
         if again:
+            self._expire(mig_id, None)  # running again: kept until it finishes again
             pipe = self._r.pipeline(transaction=True)
             pipe.hset(self.key(mig_id), "status", MigrationStatus.RUNNING.value)
             pipe.hdel(self.key(mig_id), "finished_at", "error")
@@ -516,24 +636,51 @@ class MigrationStore:
                 out.truncate()
         yield out.getvalue()
 
-    def totals(self) -> dict[str, Any]:
-        """Sums over every migration, for the metrics: studies by state, instances and bytes
-        moved, and the largest ETA of a running migration per source."""
-        states = {state.value: 0 for state in StudyState}
-        moved = moved_bytes = 0
-        eta: dict[str, float] = {}
-        for mig_id in self._r.zrange(self._all, 0, -1):
-            data = self._r.hgetall(self.key(mig_id))
+    def totals(self) -> MigrationTotals:
+        """Sums over the migrations Redis still holds (finished ones until they expire), per
+        source, for the metrics. One pipelined read of each migration's hash: a scrape
+        costs one round trip whatever the number of migrations."""
+        totals = MigrationTotals()
+        ids = self._r.zrange(self._all, 0, -1)
+        pipe = self._r.pipeline(transaction=False)
+        for mig_id in ids:
+            pipe.hgetall(self.key(mig_id))
+        for data in pipe.execute():
             if not data:
                 continue
-            for state in StudyState:
-                states[state.value] += int(data.get(f"n:{state.value}", 0))
-            moved += int(data.get("instances_moved", 0))
-            moved_bytes += int(data.get("bytes_moved", 0))
-            if not MigrationStatus(data["status"]).is_final and data.get("eta"):
-                source = json.loads(data["request"])["source"]
-                eta[source] = max(eta.get(source, 0.0), float(data["eta"]))
-        return {"studies": states, "instances": moved, "bytes": moved_bytes, "eta": eta}
+            record = self._record("", data)
+            totals.add(record)
+        return totals
+
+
+@dataclass
+class MigrationTotals:
+    """What the metrics show of migrations; keys are configured source names (bounded)."""
+
+    by_status: dict[str, int] = field(default_factory=dict)
+    """Migrations by status."""
+    studies: dict[tuple[str, str], int] = field(default_factory=dict)
+    """(source, study state) -> studies."""
+    instances_planned: dict[str, int] = field(default_factory=dict)
+    instances_moved: dict[str, int] = field(default_factory=dict)
+    bytes_moved: dict[str, int] = field(default_factory=dict)
+    eta: dict[str, float] = field(default_factory=dict)
+    """The longest ETA of an unfinished migration per source."""
+
+    def add(self, record: MigrationRecord) -> None:
+        source = record.request.source
+        self.by_status[record.status.value] = self.by_status.get(record.status.value, 0) + 1
+        counts = record.studies
+        for state, n in (("planned", counts.waiting), ("running", counts.running),
+                         ("skipped", counts.skipped), ("verified", counts.verified),
+                         ("mismatch", counts.mismatched), ("failed", counts.failed)):
+            self.studies[source, state] = self.studies.get((source, state), 0) + n
+        for into, value in ((self.instances_planned, record.instances_planned),
+                            (self.instances_moved, record.instances_moved),
+                            (self.bytes_moved, record.bytes_moved)):
+            into[source] = into.get(source, 0) + value
+        if not record.status.is_final and record.eta_seconds is not None:
+            self.eta[source] = max(self.eta.get(source, 0.0), record.eta_seconds)
 
 
 def _time(value: str | None) -> datetime | None:

@@ -9,18 +9,24 @@ does nothing.
 
 Layout (``P`` is the key prefix):
 
-- ``P:prefetch:ID`` hash: ``request`` (JSON), ``status``, ``created_by``, ``created_at``,
-  ``start_at``, ``rule`` (JSON), ``candidates`` (JSON), ``error``, ``finished_at``,
-  ``in_place_at``, ``lead_seconds``, ``order``;
+- ``P:prefetch:ID`` hash: ``request`` (JSON), ``status``, ``trigger``, ``created_by``,
+  ``created_at``, ``start_at``, ``rule`` (JSON), ``candidates`` (JSON), ``error``,
+  ``finished_at``, ``in_place_at``, ``lead_seconds``, ``order``; once final it expires after
+  ``[jobs] retention_days``, like a job;
 - ``P:prefetch:schedule`` sorted set id -> start time (epoch seconds): waiting requests;
 - ``P:prefetch:handoff`` sorted set id -> when it was popped, until the task is sent;
+- ``P:prefetch:claims`` sorted set id -> when the search's claim lapses: a worker killed
+  mid-search leaves its request here, and the scheduler sends it again once the claim lapsed
+  (without it the request would wait for the broker's visibility timeout, an hour);
 - ``P:prefetch:fetching`` set: requests whose retrieve jobs are under way;
 - ``P:prefetch:patient:H`` sorted set id -> creation time, ``H`` a hash of the patient ID
   (identifiers never appear in key names);
 - ``P:prefetch:order:H`` the id of the request for one order (patient + accession number,
   or patient + modality + time without one): a second trigger for the same order (the HL7
   order and the worklist entry it produced) joins it instead of making another. It lives
-  until ``suppress_minutes`` after the exam's time; a cancel removes it.
+  until ``suppress_minutes`` after the exam's time. A cancel leaves it in place, so the
+  order stays cancelled when the worklist lists it again or the RIS repeats it; only an
+  explicit new order (``renew``: the API, HL7 ORC-1 = NW, SIU^S12) schedules it anew.
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, 
 from pacsfetch.prefetch_rules import Candidate, Modality, RuleMatch
 
 _Text = r"^[^\\\x00-\x1f]*$"
+WILDCARDS = frozenset("*?")
+"""C-FIND wildcards: in a patient ID they would match other patients' studies."""
 
 
 class PrefetchStatus(StrEnum):
@@ -74,7 +82,8 @@ class PrefetchRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    patient_id: str = Field(min_length=1, max_length=64, pattern=_Text)
+    patient_id: str = Field(min_length=1, max_length=64, pattern=_Text,
+                            description="Matched exactly: `*` and `?` are refused.")
     issuer_of_patient_id: str | None = Field(None, min_length=1, max_length=64, pattern=_Text)
     current: CurrentExam
     rule: str | None = Field(None, min_length=1, description="A [prefetch.rules.NAME]; "
@@ -87,6 +96,14 @@ class PrefetchRequest(BaseModel):
             raise ValueError("is blank")
         return value
 
+    @field_validator("patient_id", "issuer_of_patient_id")
+    @classmethod
+    def _no_wildcards(cls, value: str | None) -> str | None:
+        if value is not None and WILDCARDS & set(value):
+            raise ValueError("contains a C-FIND wildcard (* or ?): it would match other "
+                             "patients' studies")
+        return value
+
 
 class PrefetchRecord(BaseModel):
     """A prefetch as the API shows it: what was asked, which rule, each candidate's fate."""
@@ -94,7 +111,9 @@ class PrefetchRecord(BaseModel):
     id: str
     status: PrefetchStatus
     request: PrefetchRequest
-    created_by: str = Field(description="The trigger: `api`, `hl7`, `worklist:NAME`.")
+    trigger: str = Field(description="What asked: `api`, `hl7`, `worklist:NAME`.")
+    created_by: str = Field(description="Who asked: the API token's name, or `hl7-listener` "
+                            "and `scheduler` (worklists) for pacsfetch's own services.")
     created_at: datetime
     start_at: datetime = Field(description="When the search starts (scheduled_at - lead).")
     rule: RuleMatch | None = None
@@ -109,14 +128,15 @@ class PrefetchRecord(BaseModel):
 _CANDIDATES = TypeAdapter(list[Candidate])
 
 # KEYS: order key, record, schedule, patient index.
-# ARGV: id, order ttl ms, start score, created score, record prefix, then field/value pairs.
+# ARGV: id, order ttl ms, start score, created score, record prefix, renew (1: a cancelled
+# order is scheduled anew), then field/value pairs.
 _CREATE = """
 local current = redis.call('GET', KEYS[1])
 if current then
   local status = redis.call('HGET', ARGV[5] .. current, 'status')
-  if status and status ~= 'cancelled' then return current end
+  if status and (status ~= 'cancelled' or ARGV[6] ~= '1') then return current end
 end
-redis.call('HSET', KEYS[2], unpack(ARGV, 6))
+redis.call('HSET', KEYS[2], unpack(ARGV, 7))
 redis.call('ZADD', KEYS[3], ARGV[3], ARGV[1])
 redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1])
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
@@ -146,16 +166,35 @@ end
 return 'ok'
 """
 
-# KEYS: record, claim. ARGV: holder, ttl ms. scheduled -> searching, or take over a search
-# whose worker died (its claim lapsed). Returns 1 when the caller now owns the search.
+# KEYS: record, claim, claims index. ARGV: holder, ttl ms, id, lapse time (epoch s).
+# scheduled -> searching, or take over a search whose worker died (its claim lapsed).
+# Returns 1 when the caller now owns the search.
 _CLAIM = """
 local cur = redis.call('HGET', KEYS[1], 'status')
 if cur == 'scheduled' or (cur == 'searching' and not redis.call('GET', KEYS[2])) then
   redis.call('HSET', KEYS[1], 'status', 'searching')
   redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+  redis.call('ZADD', KEYS[3], ARGV[4], ARGV[3])
   return 1
 end
 return 0
+"""
+
+# KEYS: claims index. ARGV: now, retry at (epoch s), record prefix. Searches whose claim
+# lapsed while they are still searching: each is returned once per lapse (its score moves
+# to *retry at*); entries of requests that moved on are dropped.
+_LAPSED = """
+local out = {}
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, 500)) do
+  local record = ARGV[3] .. id
+  if redis.call('HGET', record, 'status') ~= 'searching' then
+    redis.call('ZREM', KEYS[1], id)
+  elseif redis.call('EXISTS', record .. ':claim') == 0 then
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    out[#out + 1] = id
+  end
+end
+return out
 """
 
 _DELETE = "\0"
@@ -189,17 +228,27 @@ class PrefetchNotFound(KeyError):
 class PrefetchStore:
     """Every read and write of prefetch state."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "pacsfetch") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = "pacsfetch", *,
+                 retention_seconds: int | None = None,
+                 claim_ttl: timedelta = CLAIM_TTL) -> None:
+        """*retention_seconds*: how long a finished record stays (``[jobs] retention_days``;
+        None keeps it, for tools reading a store). *claim_ttl*: see :data:`CLAIM_TTL`."""
         self._r = client
         self._p = prefix
+        self._retention = retention_seconds
+        self._claim_ttl = claim_ttl
         self._create = client.register_script(_CREATE)
         self._pop_due = client.register_script(_POP_DUE)
         self._transition = client.register_script(_TRANSITION)
         self._claim = client.register_script(_CLAIM)
+        self._lapsed = client.register_script(_LAPSED)
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "pacsfetch") -> PrefetchStore:
-        return cls(redis.Redis.from_url(url, decode_responses=True), prefix)
+    def from_url(cls, url: str, prefix: str = "pacsfetch", *,
+                 retention_seconds: int | None = None,
+                 claim_ttl: timedelta = CLAIM_TTL) -> PrefetchStore:
+        return cls(redis.Redis.from_url(url, decode_responses=True), prefix,
+                   retention_seconds=retention_seconds, claim_ttl=claim_ttl)
 
     def _key(self, prefetch_id: str) -> str:
         return f"{self._p}:prefetch:{prefetch_id}"
@@ -216,6 +265,10 @@ class PrefetchStore:
     def _fetching(self) -> str:
         return f"{self._p}:prefetch:fetching"
 
+    @property
+    def _claims(self) -> str:
+        return f"{self._p}:prefetch:claims"
+
     def _patient(self, patient_id: str) -> str:
         return f"{self._p}:prefetch:patient:{_digest(patient_id)}"
 
@@ -224,9 +277,11 @@ class PrefetchStore:
 
     # creating -------------------------------------------------------------------------
     def create(self, request: PrefetchRequest, *, rule: RuleMatch, lead: timedelta,
-               suppress: timedelta, created_by: str) -> tuple[PrefetchRecord, bool]:
+               suppress: timedelta, trigger: str, created_by: str,
+               renew: bool = True) -> tuple[PrefetchRecord, bool]:
         """Record a request and schedule it; returns (record, created). ``created`` is False
-        when the same order already has a live request, which is returned instead."""
+        when the same order already has a live request, which is returned instead, or a
+        cancelled one and *renew* is False (a repeat of the order, not a new one)."""
         created = _now()
         scheduled = request.current.scheduled_at or created
         start = max(scheduled - lead, created)
@@ -234,14 +289,14 @@ class PrefetchStore:
         prefetch_id = uuid.uuid4().hex
         digest = order_digest(request)
         fields = {"request": request.model_dump_json(), "status": PrefetchStatus.SCHEDULED.value,
-                  "created_by": created_by, "created_at": created.isoformat(),
+                  "trigger": trigger, "created_by": created_by, "created_at": created.isoformat(),
                   "start_at": start.isoformat(), "rule": rule.model_dump_json(),
                   "candidates": "[]", "order": digest}
         found = self._create(
             keys=[self._order(digest), self._key(prefetch_id), self._schedule,
                   self._patient(request.patient_id)],
             args=[prefetch_id, int(ttl * 1000), repr(start.timestamp()),
-                  repr(created.timestamp()), f"{self._p}:prefetch:",
+                  repr(created.timestamp()), f"{self._p}:prefetch:", "1" if renew else "0",
                   *(item for pair in fields.items() for item in pair)])
         return self.get(found), found == prefetch_id
 
@@ -259,7 +314,8 @@ class PrefetchStore:
         for prefetch_id in ids:
             try:
                 record = self.get(prefetch_id)
-            except PrefetchNotFound:
+            except PrefetchNotFound:  # expired after the retention: forget it here too
+                self._r.zrem(self._patient(patient_id), prefetch_id)
                 continue
             if record.request.patient_id == patient_id:  # a digest collision is not a match
                 records.append(record)
@@ -290,6 +346,14 @@ class PrefetchStore:
         if prefetch_ids:
             self._r.zrem(self._handoff, *prefetch_ids)
 
+    def lapsed_claims(self, now: datetime | None = None) -> list[str]:
+        """Searches whose worker died (the claim lapsed, the status is still searching), each
+        returned once per lapse, to be sent again: the next delivery's claim takes over."""
+        when = (now or _now()).timestamp()
+        retry = when + self._claim_ttl.total_seconds()
+        return list(self._lapsed(keys=[self._claims],
+                                 args=[repr(when), repr(retry), f"{self._p}:prefetch:"]))
+
     # changing -------------------------------------------------------------------------
     def transition(self, prefetch_id: str, status: PrefetchStatus,
                    allowed_from: list[PrefetchStatus], **fields: str | None) -> bool:
@@ -298,17 +362,25 @@ class PrefetchStore:
         for name, value in fields.items():
             args += [name, _DELETE if value is None else value]
         done = self._transition(keys=[self._key(prefetch_id)], args=args) == "ok"
+        if done and status is not PrefetchStatus.SEARCHING:
+            self._r.zrem(self._claims, prefetch_id)
         if done and status is PrefetchStatus.FETCHING:
             self._r.sadd(self._fetching, prefetch_id)
         elif done and status in FINAL:
-            self._r.srem(self._fetching, prefetch_id)
-            self._r.zrem(self._schedule, prefetch_id)
+            pipe = self._r.pipeline(transaction=False)
+            pipe.srem(self._fetching, prefetch_id)
+            pipe.zrem(self._schedule, prefetch_id)
+            if self._retention is not None:
+                pipe.expire(self._key(prefetch_id), self._retention)
+            pipe.execute()
         return done
 
     def claim(self, prefetch_id: str, holder: str) -> bool:
         """Take the search of a due request; False when another delivery has it or had it."""
-        return bool(self._claim(keys=[self._key(prefetch_id), self._key(prefetch_id) + ":claim"],
-                                args=[holder, int(CLAIM_TTL.total_seconds() * 1000)]))
+        ttl = self._claim_ttl.total_seconds()
+        return bool(self._claim(
+            keys=[self._key(prefetch_id), self._key(prefetch_id) + ":claim", self._claims],
+            args=[holder, int(ttl * 1000), prefetch_id, repr(_now().timestamp() + ttl)]))
 
     def set_candidates(self, prefetch_id: str, candidates: list[Candidate]) -> None:
         self._r.hset(self._key(prefetch_id), "candidates",
@@ -318,15 +390,12 @@ class PrefetchStore:
         return sorted(self._r.smembers(self._fetching))
 
     def cancel(self, prefetch_id: str, reason: str) -> PrefetchRecord:
-        """Cancel a request that has not finished; its order may then be requested anew.
-        Retrieve jobs already submitted go on (another request may share them)."""
-        record = self.get(prefetch_id)
+        """Cancel a request that has not finished. Its order stays cancelled against repeats
+        (see the module docstring); only a new order schedules it again. Retrieve jobs
+        already submitted go on (another request may share them)."""
         live = [PrefetchStatus.SCHEDULED, PrefetchStatus.SEARCHING, PrefetchStatus.FETCHING]
-        if self.transition(prefetch_id, PrefetchStatus.CANCELLED, live, error=reason,
-                           finished_at=_now().isoformat()):
-            order = self._order(order_digest(record.request))
-            if self._r.get(order) == prefetch_id:
-                self._r.delete(order)
+        self.transition(prefetch_id, PrefetchStatus.CANCELLED, live, error=reason,
+                        finished_at=_now().isoformat())
         return self.get(prefetch_id)
 
 
@@ -338,6 +407,7 @@ def _record(prefetch_id: str, data: dict[str, str]) -> PrefetchRecord:
     return PrefetchRecord(
         id=prefetch_id, status=PrefetchStatus(data["status"]),
         request=PrefetchRequest.model_validate_json(data["request"]),
+        trigger=data.get("trigger") or data.get("created_by", "api"),
         created_by=data.get("created_by", "api"), created_at=datetime.fromisoformat(data["created_at"]),
         start_at=datetime.fromisoformat(data["start_at"]),
         rule=RuleMatch.model_validate_json(data["rule"]) if data.get("rule") else None,

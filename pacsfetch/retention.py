@@ -5,20 +5,19 @@ instance list, set atomically with the status change (:mod:`pacsfetch.jobstore`)
 deletes them itself, even when no pacsfetch process runs. What Redis cannot do is take the
 expired ids out of the sorted-set indexes; :func:`sweep` does that, as a scheduler duty.
 
-Other finished records (a migration's, a prefetch's) call :func:`expire_finished` with
-their keys when they reach a final state, and so share the one retention setting.
+Migrations and prefetch requests set the same TTL on their own keys when they finish
+(:class:`MigrationStore` and :class:`PrefetchStore` take :func:`retention_seconds`); the
+sweep drops expired migrations from their index too.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
-
-import redis
 
 from pacsfetch.config import Config
 from pacsfetch.jobstore import JobStore
+from pacsfetch.migrations import MigrationStore
 
 log = logging.getLogger(__name__)
 
@@ -36,20 +35,13 @@ def jobstore(config: Config) -> JobStore:
     return JobStore.from_url(config.broker.url, retention_days=config.jobs.retention_days)
 
 
-def expire_finished(client: redis.Redis, keys: Iterable[str], config: Config) -> None:
-    """Let a finished record's *keys* expire after the retention."""
-    seconds = retention_seconds(config)
-    pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.expire(key, seconds)
-    pipe.execute()
-
-
 def sweep(config: Config, store: JobStore | None = None, now: float | None = None) -> int:
-    """Remove ids of expired jobs from the indexes; returns how many."""
+    """Remove ids of expired jobs and migrations from the indexes; returns how many."""
     store = store or jobstore(config)
     cutoff = (time.time() if now is None else now) - retention_seconds(config)
     removed = store.prune_indexes(cutoff)
-    if removed:
-        log.info("expired jobs removed from the indexes", extra={"jobs": removed})
-    return removed
+    migrations = MigrationStore.from_url(config.broker.url).prune_index()
+    if removed or migrations:
+        log.info("expired records removed from the indexes",
+                 extra={"jobs": removed, "migrations": migrations})
+    return removed + migrations

@@ -7,6 +7,10 @@ available, this proxy stands between pacsfetch (or DCMTK) and the PACS: everythi
 from one side is written to the other ``rtt / 2`` seconds later, in order, with no
 bandwidth limit. Each connection gets two threads per direction (a reader that stamps what
 it reads, a writer that sends it when due), so a slow side never stalls the other.
+
+It also counts connections as the PACS sees them (:attr:`LatencyProxy.opened`,
+:attr:`LatencyProxy.peak`): a connection is open from its accept until either side ends
+it, which is when the PACS's association ends (after its A-RELEASE-RP, or an abort).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
 
@@ -30,8 +35,10 @@ def _tune(sock: socket.socket) -> None:
 class _Direction:
     """Bytes from *src* to *dst*, each chunk sent *delay* seconds after it was read."""
 
-    def __init__(self, src: socket.socket, dst: socket.socket, delay: float) -> None:
+    def __init__(self, src: socket.socket, dst: socket.socket, delay: float,
+                 on_end: Callable[[], None]) -> None:
         self._src, self._dst, self._delay = src, dst, delay
+        self._on_end = on_end
         self._queue: queue.SimpleQueue[tuple[float, bytes]] = queue.SimpleQueue()
         self.threads = [threading.Thread(target=self._read, daemon=True),
                         threading.Thread(target=self._write, daemon=True)]
@@ -46,6 +53,7 @@ class _Direction:
                 data = b""
             self._queue.put((time.monotonic() + self._delay, data))
             if not data:
+                self._on_end()
                 return
 
     def _write(self) -> None:
@@ -76,6 +84,13 @@ class LatencyProxy:
         self.port = int(self._server.getsockname()[1])
         self._connections: list[socket.socket] = []
         self._closed = threading.Event()
+        self._count_lock = threading.Lock()
+        self.opened = 0
+        """Connections accepted so far."""
+        self.open = 0
+        """Connections open now (neither side has ended them)."""
+        self.peak = 0
+        """Most connections open at once."""
         self._acceptor = threading.Thread(target=self._accept, daemon=True, name="latency-proxy")
 
     def _accept(self) -> None:
@@ -94,8 +109,26 @@ class LatencyProxy:
                 _tune(sock)
                 self._connections.append(sock)
             delay = self.rtt_ms / 2000
-            _Direction(client, upstream, delay)
-            _Direction(upstream, client, delay)
+            with self._count_lock:
+                self.opened += 1
+                self.open += 1
+                self.peak = max(self.peak, self.open)
+            on_end = self._ender()
+            _Direction(client, upstream, delay, on_end)
+            _Direction(upstream, client, delay, on_end)
+
+    def _ender(self) -> Callable[[], None]:
+        """Called by both directions of one connection; counts it closed at the first."""
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            with self._count_lock:
+                if not ended:
+                    ended = True
+                    self.open -= 1
+
+        return end
 
     def __enter__(self) -> Self:
         self._acceptor.start()

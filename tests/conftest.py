@@ -6,6 +6,8 @@ test session by :mod:`pacsfetch.sandbox.peers` and stopped at the end.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
@@ -127,3 +129,40 @@ def silent_port() -> Iterator[int]:
     for conn in accepted:
         conn.close()
     server.close()
+
+
+def _our_pacsfetch_processes() -> list[tuple[int, str]]:
+    """``pacsfetch`` processes this test session started (its direct children) still alive."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == os.getpid() and state != "Z" and "-m pacsfetch" in cmdline:
+            found.append((int(entry), cmdline.strip()))
+    return found
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_outlives_its_module() -> Iterator[None]:
+    """A worker, API or scheduler a module forgot to stop would keep serving the session's
+    Redis and take the next module's jobs with its own config: stop it, and fail loudly here
+    rather than as a puzzling failure elsewhere."""
+    yield
+    leaked = _our_pacsfetch_processes()
+    for pid, _ in leaked:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # its Celery children with it
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+    for pid, _ in leaked:
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    assert not leaked, "processes left running by this module: " + "; ".join(c for _, c in leaked)

@@ -48,8 +48,9 @@ def make_config(*, redis_url: str, store_root: Path, orthanc: Orthanc | None = N
         "stores": {"local": {"plugin": "filesystem", "root": str(store_root), "fsync": fsync}},
         "worker": {"max_retries": 2, "retry_backoff": 0.2, "lease_seconds": 6,
                    "progress_interval": 0.1, **(worker or {})},
+        # Every metrics port free: a fixed default collides with another session's process.
         "metrics": {"bind": "127.0.0.1", "worker_port": free_port(), "receiver_port": free_port(),
-                    **(metrics or {})},
+                    "scheduler_port": free_port(), "hl7_port": free_port(), **(metrics or {})},
     }
 
 

@@ -12,8 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FORBIDDEN = {
     "api": ("pynetdicom", "pydicom", "pacsfetch.workers", "pacsfetch.plugins"),
-    "workers": ("pacsfetch.api", "fastapi"),
-    "plugins": ("pacsfetch.api", "pacsfetch.workers", "fastapi", "celery"),
+    # DIMSE runs on the project's own engine (plugins/dimse): pynetdicom is a test peer only.
+    "workers": ("pacsfetch.api", "fastapi", "pynetdicom"),
+    "plugins": ("pacsfetch.api", "pacsfetch.workers", "fastapi", "celery", "pynetdicom"),
     "pacsfetch": ("pacsfetch.api", "pacsfetch.workers", "pacsfetch.plugins", "pynetdicom", "pydicom"),
 }
 CORE_EXEMPT = {"cli.py", "__main__.py"}  # the CLI is the outermost shell, it wires layers

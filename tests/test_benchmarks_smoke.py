@@ -101,3 +101,8 @@ def test_targets_are_evaluated(results: dict) -> None:
     assert all(t["value"] is not None for t in measured), measured  # every part ran
     # Transports known to the harness but not installed are skipped with a note, not lost.
     assert all(note.startswith("transport ") for note in results["notes"])
+
+
+def test_migration_planning_enumerated_the_whole_generated_archive(results: dict) -> None:
+    migration = results["migration"]
+    assert migration["complete"] and migration["planned"] == migration["studies"], migration

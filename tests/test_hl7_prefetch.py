@@ -32,7 +32,11 @@ def listener(redis_url: str, tmp_path: Path) -> Iterator[int]:
     data["prefetch"] = {"rules": {"mr": {"when_modalities": ["MR"], "sources": ["archive"],
                                          "stores": ["local"], "lead_minutes": 30}}}
     port = free_port()
-    data["hl7"] = {"bind": "127.0.0.1", "port": port, "accept_from": ["HOSP"]}
+    # The mapping is the default plus where this (SIU-sending) RIS puts the modality and the
+    # appointment's accession number: configurable, as sites differ.
+    data["hl7"] = {"bind": "127.0.0.1", "port": port, "accept_from": ["HOSP"],
+                   "fields": {"modality": ["OBR-24", "AIG-4"],
+                              "accession_number": ["OBR-18", "ORC-2", "SCH-1"]}}
     data["metrics"]["hl7_port"] = free_port()
     process = Hl7Process(write_toml(data, tmp_path / "hl7.toml"), tmp_path / "hl7.log")
     process.wait_ready()
@@ -50,6 +54,20 @@ def orm(control: str = "NW", *, patient: str = "PF-PRI-1", accession: str = "ACC
         f"PID|1||{patient}^^^HOSP^MR||SANDBOX^PATIENT",
         f"ORC|{control}|PLC{accession}",
         "OBR|" + "|".join(obr[1:]),
+    ])
+
+
+def siu(event: str = "S12", *, patient: str = "PF-SIU-1", appointment: str = "APT7",
+        modality: str = "MR", when: str = "20301202083000", msg_id: str = "SIU0001") -> str:
+    """An appointment as a scheduling system sends it: no OBR; the time in SCH-11.4, the
+    procedure in AIS-3, the modality as the resource type in AIG-4."""
+    return "\r".join([
+        f"MSH|^~\\&|RIS|HOSP|PACSFETCH|HOSP|20261128120000||SIU^{event}|{msg_id}|P|2.5",
+        f"SCH|{appointment}||||||||||^^^{when}",
+        f"PID|1||{patient}^^^HOSP^MR||SANDBOX^PATIENT",
+        "RGS|1",
+        f"AIS|1||MRKNEE^{modality} KNEE",
+        f"AIG|1||ROOM1^Room 1|{modality}",
     ])
 
 
@@ -83,7 +101,8 @@ def test_an_order_starts_a_prefetch_a_repeat_joins_it_and_a_cancel_cancels_it(
     assert (code, control_id) == ("AA", "MSG0001") and text.endswith("scheduled"), text
     prefetch_id = text.split()[1]
     record = store.get(prefetch_id)
-    assert record.status is PrefetchStatus.SCHEDULED and record.created_by == "hl7"
+    assert record.status is PrefetchStatus.SCHEDULED
+    assert (record.trigger, record.created_by) == ("hl7", "hl7-listener")
     assert record.request.patient_id == "PF-PRI-1"
     assert record.request.current.accession_number == "ACC100"
     assert record.request.current.modality == "MR"
@@ -99,6 +118,38 @@ def test_an_order_starts_a_prefetch_a_repeat_joins_it_and_a_cancel_cancels_it(
     assert cancelled.error == "cancelled by ORM^O01"
     assert store.waiting() == 0
 
+    # The order stays cancelled against a change or status message for it (and the RIS
+    # sending the order once more under XO); only a new order (NW) schedules it again.
+    change, status_change = send(listener, orm("XO", msg_id="MSG0004"),
+                                 orm("SC", msg_id="MSG0005"))
+    for ack, msg_id in ((change, "MSG0004"), (status_change, "MSG0005")):
+        assert msa(ack) == ("AA", msg_id, f"order cancelled before (prefetch {prefetch_id}); "
+                                          "not scheduled again")
+    assert store.get(prefetch_id).status is PrefetchStatus.CANCELLED and store.waiting() == 0
+    (renewed,) = send(listener, orm(msg_id="MSG0006"))
+    code, _, text = msa(renewed)
+    assert code == "AA" and text.endswith("scheduled") and prefetch_id not in text, text
+    assert store.waiting() == 1
+
+
+def test_an_appointment_siu_s12_starts_a_prefetch_and_s15_cancels_it(
+        listener: int, redis_url: str) -> None:
+    store = PrefetchStore.from_url(redis_url)
+    (new,) = send(listener, siu())
+    code, control_id, text = msa(new)
+    assert (code, control_id) == ("AA", "SIU0001") and text.endswith("scheduled"), text
+    record = store.get(text.split()[1])
+    assert record.request.patient_id == "PF-SIU-1"
+    assert record.request.current.modality == "MR"
+    assert record.request.current.study_description == "MR KNEE"
+    assert record.request.current.accession_number == "APT7"
+    assert record.request.current.scheduled_at.isoformat() == "2030-12-02T08:30:00+00:00"
+    assert record.rule is not None and record.rule.name == "mr"
+
+    (cancel,) = send(listener, siu("S15", msg_id="SIU0002"))
+    assert msa(cancel) == ("AA", "SIU0002", f"prefetch {record.id} cancelled")
+    assert store.get(record.id).status is PrefetchStatus.CANCELLED
+
 
 @pytest.mark.parametrize(("message", "code", "reason"), [
     (b"this is not HL7", "AR", "not an HL7 v2 message"),
@@ -107,6 +158,9 @@ def test_an_order_starts_a_prefetch_a_repeat_joins_it_and_a_cancel_cancels_it(
                                       "hl7.accept_from"),
     (orm("XX"), "AR", "ORC-1 order control 'XX' is not one pacsfetch acts on"),
     (orm(patient=""), "AE", "no patient ID in PID-3.1"),
+    (orm(patient="PF*"), "AE", "the order's values are not usable: patient_id: Value error, "
+                               "contains a C-FIND wildcard"),
+    (siu(modality=""), "AE", "no modality in OBR-24 or AIG-4"),
     (orm(modality=""), "AE", "no modality in OBR-24"),
     (orm(when="tomorrow"), "AE", "OBR-36 'tomorrow' is not an HL7 date/time"),
     (orm(modality="US"), "AE", "no [prefetch.rules] entry applies to a US exam"),

@@ -31,6 +31,7 @@ from pacsfetch.api.app import create_app
 from pacsfetch.config import ConfigError, MetricsConfig, parse_config
 from pacsfetch.metrics import metric_names, serve_receiver_metrics
 from pacsfetch.metrics_dir import prepare_multiprocess_dir
+from pacsfetch.sandbox.latency import LatencyProxy
 from pacsfetch.sandbox.peers import Orthanc, Prometheus, RedisServer, free_port
 from pacsfetch.sandbox.samples import SampleStudy
 
@@ -219,26 +220,31 @@ def test_a_killed_pool_process_stops_counting_as_in_flight(
 ) -> None:
     """SIGKILL skips Celery's shutdown signal; the worker still drops the dead child's gauges."""
     config = make_config(redis_url=redis_url, store_root=tmp_path / "store", orthanc=orthanc)
-    worker = start_worker(config)
-    url = f"http://127.0.0.1:{config['metrics']['worker_port']}/metrics"
-    client = TestClient(create_app(parse_config(config)))
-    job_id = client.post("/jobs", json={"source": "orthanc", "study_uid": big_study.study_uid,
-                                        "store": "local"}).json()["id"]
-    wait_for(lambda: value(scrape(url), "pacsfetch_instances_stored_total") >= 20, 60, 0.05,
-             "the job to be under way")
-    samples = scrape(url)
-    assert value(samples, "pacsfetch_jobs_in_flight", source="orthanc") == 1
-    assert value(samples, "pacsfetch_associations_open", source="orthanc") == 1
-    (child,) = worker.children()
-    os.kill(child, signal.SIGKILL)
-    wait_for(lambda: client.get(f"/jobs/{job_id}").json()["status"] == "succeeded", 120, 0.2,
-             "the redelivered job to succeed")
-    samples = scrape(url)
-    assert value(samples, "pacsfetch_jobs_in_flight", source="orthanc") == 0
-    assert value(samples, "pacsfetch_associations_open", source="orthanc") == 0
-    assert value(samples, "pacsfetch_jobs_finished_total", status="succeeded") == 1
-    # Counters of the dead child are kept: instances it stored stay counted.
-    assert value(samples, "pacsfetch_instances_stored_total") >= len(big_study.instances)
+    # One association, and a PACS 20 ms away: the job is still running when the child dies.
+    config["sources"]["orthanc"]["associations_per_job"] = 1
+    with LatencyProxy("127.0.0.1", orthanc.dicom_port, rtt_ms=20) as proxy:
+        config["sources"]["orthanc"]["port"] = proxy.port
+        worker = start_worker(config)
+        url = f"http://127.0.0.1:{config['metrics']['worker_port']}/metrics"
+        client = TestClient(create_app(parse_config(config)))
+        job_id = client.post("/jobs", json={"source": "orthanc", "study_uid": big_study.study_uid,
+                                            "store": "local"}).json()["id"]
+        wait_for(lambda: value(scrape(url), "pacsfetch_instances_stored_total") >= 20, 60, 0.05,
+                 "the job to be under way")
+        samples = scrape(url)
+        assert value(samples, "pacsfetch_jobs_in_flight", source="orthanc") == 1
+        assert value(samples, "pacsfetch_associations_open", source="orthanc") == 1
+        (child,) = worker.children()
+        os.kill(child, signal.SIGKILL)
+        wait_for(lambda: client.get(f"/jobs/{job_id}").json()["status"] == "succeeded", 120,
+                 0.2, "the redelivered job to succeed")
+        samples = scrape(url)
+        assert value(samples, "pacsfetch_jobs_in_flight", source="orthanc") == 0
+        assert value(samples, "pacsfetch_associations_open", source="orthanc") == 0
+        assert value(samples, "pacsfetch_jobs_finished_total", status="succeeded") == 1
+        # Counters of the dead child are kept: instances it stored stay counted.
+        assert value(samples, "pacsfetch_instances_stored_total") >= len(big_study.instances)
+        worker.stop()  # before the proxy it talks through goes
 
 
 def test_retries_and_the_final_failure_are_counted_by_reason(

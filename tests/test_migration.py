@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +20,23 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 from helpers import CALLING_AE, WorkerProcess, make_config, wait_for
+from prometheus_client.parser import text_string_to_metric_families
 
 from pacsfetch.api.app import create_app
 from pacsfetch.config import Config, parse_config
 from pacsfetch.jobstore import JobStore
-from pacsfetch.migrations import MigrationStatus, MigrationStore
+from pacsfetch.migrations import (
+    MigrationRequest,
+    MigrationStatus,
+    MigrationStore,
+    StudyRow,
+    StudyState,
+)
 from pacsfetch.models import Level
 from pacsfetch.sandbox.archive import ArchiveStudy, generate_archive
 from pacsfetch.sandbox.peers import Orthanc, S3Server
-from pacsfetch.workers.migrate import MigrationFeeder
+from pacsfetch.tokens import add_token
+from pacsfetch.workers.migrate import MigrationFeeder, next_feed_at
 
 CAP = 5
 STUDIES = 24
@@ -190,7 +200,6 @@ def test_an_archive_migrates_whole_and_verified_then_a_rerun_skips_it(
 def test_planning_splits_capped_windows_and_honours_the_filter(
         config: Config, archive: list[ArchiveStudy]) -> None:
     from pacsfetch.gate import process_gate
-    from pacsfetch.migrations import MigrationRequest
     from pacsfetch.workers.planner import run_planning
 
     store = MigrationStore.from_url(config.broker.url)
@@ -220,3 +229,148 @@ def test_bad_input_names_the_field(config: Config) -> None:
         assert response.status_code == 422, body
         assert response.json()["detail"][0]["loc"] == loc
     assert client.get("/migrations/nope").status_code == 404
+
+
+def test_csv_upload_admin_scope_creator_and_audit(config_data: dict[str, Any],
+                                                  tmp_path: Path) -> None:
+    """Creating and steering a migration takes `admin`; the record names the token; a CSV
+    body lists the studies and a bad cell is answered naming its line and column; creating
+    and cancelling are audited without the listed patient IDs."""
+    tokens = tmp_path / "tokens"
+    ris, ops = add_token(tokens, "ris", "submit,read"), add_token(tokens, "ops", "admin")
+    config_data["api"] = {"tokens_file": str(tokens)}
+    config_data["audit"] = {"path": str(tmp_path / "audit.jsonl")}
+    app = create_app(parse_config(config_data))
+    as_ris = TestClient(app, headers={"Authorization": f"Bearer {ris}"})
+    as_ops = TestClient(app, headers={"Authorization": f"Bearer {ops}"})
+    body = {"source": "old", "stores": ["local"], "filter": {"from": "20200101"}}
+
+    refused = as_ris.post("/migrations", json=body)
+    assert refused.status_code == 403 and "'admin'" in refused.json()["detail"]
+    created = as_ops.post("/migrations", json=body)
+    assert created.status_code == 202, created.text
+    assert as_ris.get(created.headers["Location"]).json()["created_by"] == "ops"
+    assert as_ris.delete(created.headers["Location"]).status_code == 403
+    assert as_ops.delete(created.headers["Location"]).json()["status"] == "cancelled"
+
+    params = {"source": "old", "store": ["local", "new"], "modality": ["CT"]}
+    csv_text = "patient_id,note\nP-MIG-SECRET-1,first\n\nP-MIG-SECRET-2,second\n"
+    upload = as_ops.post("/migrations/csv", params=params, content=csv_text,
+                         headers={"Content-Type": "text/csv"})
+    assert upload.status_code == 202, upload.text
+    shown = as_ops.get(upload.headers["Location"]).json()
+    assert shown["request"]["stores"] == ["local", "new"]
+    assert shown["request"]["filter"]["patient_ids"] == ["P-MIG-SECRET-1", "P-MIG-SECRET-2"]
+    assert shown["request"]["filter"]["modalities"] == ["CT"]
+    assert as_ris.post("/migrations/csv", params=params, content=csv_text).status_code == 403
+
+    for text, key, loc, says in [
+            ("study_uid\n1.2.3\n1.2.x4\n", None, ["body", 3, "study_uid"], "line 3, column "
+             "study_uid: '1.2.x4': Value error, UID must be a DICOM UID"),
+            ("accession_number\nA1\nA*\n", None, ["body", 3, "accession_number"],
+             "line 3, column accession_number: 'A*' holds a C-FIND wildcard"),
+            ("1.2.3\n", None, ["body", 1], "line 1: the first row must name the column"),
+            ("study_uid\n\n", None, ["body", 2, "study_uid"], "line 2, column study_uid: no "
+             "values"),
+            ("1.2.3\n", "study_uid", ["query", "store"], "")]:
+        query = {**params, **({"key": key} if key else {})}
+        if loc[0] == "query":
+            query["store"] = ["local", "nowhere"]
+        answer = as_ops.post("/migrations/csv", params=query, content=text)
+        assert answer.status_code == 422, (text, answer.text)
+        detail = answer.json()["detail"][0]
+        assert detail["loc"][:len(loc)] == loc and detail["msg"].startswith(says), detail
+    one_column = as_ops.post("/migrations/csv", params={**params, "key": "study_uid"},
+                             content="1.2.3\n1.2.4\n")
+    assert one_column.status_code == 202, one_column.text
+
+    events = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(e["event"], e["caller"]) for e in events] == [
+        ("migration.create", "ops"), ("migration.cancel", "ops"), ("migration.create", "ops"),
+        ("migration.create", "ops")]
+    assert events[2]["filter"]["patient_ids"] == 2 and events[2]["stores"] == ["local", "new"]
+    assert "SECRET" not in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_metrics_show_studies_by_state_instances_bytes_and_eta_per_source(
+        config: Config) -> None:
+    """Read at scrape time from the records, labelled by configured source and state only."""
+    store = MigrationStore.from_url(config.broker.url)
+    running = store.create(MigrationRequest(source="old", stores=["local"]), "ops")
+    uids = [f"1.2.826.0.1.3680043.8.498.77{n}" for n in range(3)]
+    store.add_studies(running.id, [StudyRow(uid, StudyState.PLANNED, "20200101", 4)
+                                   for uid in uids])
+    store.take(running.id, 2)
+    store.set_study(running.id, StudyRow(uids[0], StudyState.VERIFIED, "20200101", 4, 4),
+                    moved=4, moved_bytes=4_000_000, done_instances=4)
+    store.set_study(running.id, StudyRow(uids[1], StudyState.RUNNING, "20200101", 4))
+    store.set_fields(running.id, eta=120.0)
+    done = store.create(MigrationRequest(source="old", stores=["local"]), "ops")
+    store.finish(done.id, MigrationStatus.SUCCEEDED)
+
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(
+                   TestClient(create_app(config)).get("/metrics").text)
+               for s in family.samples if "migration" in s.name}
+    src = (("source", "old"),)
+    assert samples[("pacsfetch_migration_studies", (*src, ("state", "verified")))] == 1
+    assert samples[("pacsfetch_migration_studies", (*src, ("state", "running")))] == 1
+    assert samples[("pacsfetch_migration_studies", (*src, ("state", "planned")))] == 1
+    assert samples[("pacsfetch_migration_instances_planned", src)] == 12
+    assert samples[("pacsfetch_migration_instances_moved", src)] == 4
+    assert samples[("pacsfetch_migration_bytes_moved", src)] == 4_000_000
+    assert samples[("pacsfetch_migration_eta_seconds", src)] == 120
+    assert samples[("pacsfetch_migrations", (("status", "succeeded"),))] == 1
+    assert samples[("pacsfetch_migrations", (("status", "planning"),))] == 1
+    assert not any(uid in str(key) for key in samples for uid in uids)
+
+
+def test_feeding_stops_before_a_window_closes_and_keeps_under_the_rate_cap(
+        config_data: dict[str, Any]) -> None:
+    """No study is fed in the last seconds of a window; closed, the migration waits showing
+    the next opening; with max_mb_per_second, the bytes moved hold the next study back."""
+    config_data["sources"]["old"].update(windows=["Mon-Fri 07:00-19:00"], max_mb_per_second=1)
+    config = parse_config(config_data)
+    store = MigrationStore.from_url(config.broker.url)
+    mig = store.create(MigrationRequest(source="old", stores=["local"], max_in_flight=1), "ops")
+    uids = [f"1.2.826.0.1.3680043.8.498.88{n}" for n in range(3)]
+    store.add_studies(mig.id, [StudyRow(uid, StudyState.PLANNED, "20200101", 2) for uid in uids])
+    store.finish_planning(mig.id)
+    monday = datetime(2026, 6, 1, tzinfo=UTC)
+    feeder = MigrationFeeder(config)
+    try:
+        feeder.tick(monday.replace(hour=18, minute=59, second=55))  # closes in 5 s
+        assert store.queued(mig.id) == 3 and store.inflight(mig.id) == {}
+        assert store.get(mig.id).status is MigrationStatus.RUNNING
+
+        feeder.tick(monday.replace(hour=19, minute=0, second=30))
+        waiting = store.get(mig.id)
+        assert waiting.status is MigrationStatus.WAITING_WINDOW
+        assert waiting.waiting_until == datetime(2026, 6, 2, 7, tzinfo=UTC)
+        assert store.queued(mig.id) == 3
+
+        feeder.tick(monday.replace(hour=18))  # an hour before closing: one study goes
+        wait_for(lambda: not feeder.busy(), 30, 0.1, "the study check")
+        assert store.queued(mig.id) == 2
+        (first,) = store.inflight(mig.id)
+        job_id = store.inflight(mig.id)[first]
+        # Two studies of 4 MB ended together: at 1 MB/s the second one's 4 s are still to
+        # come (the first took its own time already), so the next study waits 4 s.
+        at = monday.replace(hour=18, second=10)
+        for _ in range(2):
+            feeder.moved(mig.id, store.get(mig.id).request, 4_000_000, now=at.timestamp())
+        store.set_study(mig.id, StudyRow(first, StudyState.VERIFIED, "20200101", 2, 2, job_id))
+        feeder.tick(at + timedelta(seconds=2))
+        assert store.queued(mig.id) == 2 and store.inflight(mig.id) == {}
+        feeder.tick(at + timedelta(seconds=4.5))
+        wait_for(lambda: not feeder.busy(), 30, 0.1, "the study check")
+        assert store.queued(mig.id) == 1
+    finally:
+        feeder.close()
+
+
+def test_next_feed_at_keeps_the_average_under_the_cap() -> None:
+    assert next_feed_at(0, 100, 5_000_000, 1) == 100  # idle before: it took its own time
+    assert next_feed_at(100, 100, 5_000_000, 1) == 105  # a second at once: it adds its 5 s
+    assert next_feed_at(105, 101, 5_000_000, 1) == 110  # in parallel: they add up
+    assert next_feed_at(100, 100, 5_000_000, 10) == 100.5

@@ -7,6 +7,10 @@ why; the end-to-end tests run ``pacsfetch scheduler`` and ``pacsfetch worker`` f
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -16,17 +20,25 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 from helpers import CliProcess, WorkerProcess, make_config, wait_for, write_toml
+from test_migration_faults import ApiProcess
 
 from pacsfetch.api.app import create_app
 from pacsfetch.config import parse_config
 from pacsfetch.jobstore import JobStore
 from pacsfetch.models import JobRequest
-from pacsfetch.prefetch import FINAL, CurrentExam, PrefetchRequest, PrefetchStatus, PrefetchStore
+from pacsfetch.prefetch import (
+    FINAL,
+    HANDOFF_GRACE,
+    CurrentExam,
+    PrefetchRequest,
+    PrefetchStatus,
+    PrefetchStore,
+)
 from pacsfetch.prefetch_intake import request_prefetch
 from pacsfetch.queue import enqueue_retrieves, make_celery, priority_queue_keys
 from pacsfetch.sandbox.peers import Orthanc, RedisServer, free_port
 from pacsfetch.sandbox.priors import HistoryStudy, generate_history_study
-from pacsfetch.workers.prefetch import run_prefetch
+from pacsfetch.workers.prefetch import move_due, run_prefetch
 
 TODAY = date(2026, 6, 1)
 """The day the inline searches run on, so look-back decisions do not drift with the clock."""
@@ -106,7 +118,7 @@ def test_rule_picks_the_right_priors_and_says_why(
     config = parse_config(prefetch_config(redis_url, tmp_path, archive, reading))
     store, jobs = PrefetchStore.from_url(redis_url), JobStore.from_url(redis_url)
     record, created = request_prefetch(store, config, _request("PF-PRI-1", "MR", "MR BRAIN"),
-                                       "api")
+                                       "api", "alice")
     assert created and record.rule is not None and record.rule.name == "mr"
     assert "MR is in when_modalities" in record.rule.reason
 
@@ -140,7 +152,7 @@ def test_description_and_body_part_filters(redis_url: str, tmp_path: Path, archi
     config = parse_config(prefetch_config(redis_url, tmp_path, archive, reading))
     store, jobs = PrefetchStore.from_url(redis_url), JobStore.from_url(redis_url)
     record, _ = request_prefetch(store, config, _request("PF-PRI-2", "CT", "CT THORAX CHEST"),
-                                 "api")
+                                 "api", "alice")
     assert record.rule is not None and record.rule.name == "chest"
     assert "the description holds CHEST" in record.rule.reason
 
@@ -171,7 +183,8 @@ def test_no_rule_and_a_second_trigger_for_the_same_order(
     listed = client.get("/prefetch", params={"patient_id": "PF-PRI-1"}).json()
     assert [r["id"] for r in listed] == [first.json()["id"]]
     shown = client.get(first.headers["Location"]).json()
-    assert shown["rule"]["name"] == "mr" and shown["created_by"] == "api"
+    assert shown["rule"]["name"] == "mr"
+    assert (shown["trigger"], shown["created_by"]) == ("api", "anonymous")
     start = datetime.fromisoformat(shown["start_at"])
     assert start == datetime.fromisoformat(at) - timedelta(minutes=60)
 
@@ -183,6 +196,49 @@ def test_no_rule_and_a_second_trigger_for_the_same_order(
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"][-1] == "modality"
     assert client.get("/prefetch/nope").status_code == 404
     assert PrefetchStore.from_url(config.broker.url).waiting() == 1
+    # A wildcard would make the search match other patients' studies: refused, by name.
+    for field, value in (("patient_id", "PF-PRI-*"), ("issuer_of_patient_id", "HOSP?")):
+        wild = client.post("/prefetch", json={**body, field: value})
+        assert wild.status_code == 422, wild.text
+        assert wild.json()["detail"][0]["loc"] == ["body", field]
+        assert "wildcard" in wild.json()["detail"][0]["msg"]
+
+    # Cancelled, it stays cancelled; a new request through the API schedules the order anew.
+    cancelled = client.delete(first.headers["Location"])
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert client.delete(first.headers["Location"]).status_code == 409
+    renewed = client.post("/prefetch", json=body)
+    assert renewed.status_code == 202 and renewed.json()["id"] != first.json()["id"]
+    assert PrefetchStore.from_url(config.broker.url).waiting() == 1
+
+
+def test_a_scheduler_or_worker_killed_mid_hand_off_strands_nothing(
+        redis_url: str, tmp_path: Path, archive: Orthanc, reading: Orthanc) -> None:
+    """A scheduler that popped a due request and died before sending it: the next leader
+    sends it after the grace. A worker that claimed a search and died: once its claim
+    lapses, the scheduler sends it again, once per lapse, and a new delivery takes over."""
+    config = parse_config(prefetch_config(redis_url, tmp_path, archive, reading))
+    store = PrefetchStore.from_url(redis_url, claim_ttl=timedelta(seconds=1))
+    record, _ = request_prefetch(store, config, _request("PF-PRI-1", "MR"), "api", "alice")
+    now = datetime.now(UTC) + timedelta(seconds=1)
+
+    assert store.pop_due(now) == [record.id]  # ... and the scheduler dies here
+    assert store.pop_due(now) == []  # within the grace: not twice
+    assert store.pop_due(now + timedelta(seconds=HANDOFF_GRACE + 1)) == [record.id]
+    store.handed_off([record.id])
+
+    assert store.claim(record.id, "worker-a")  # ... and the worker dies mid-search
+    assert not store.claim(record.id, "worker-b")  # a repeat delivery while it may live
+    sent: list[list[str]] = []
+    assert move_due(store, sent.append) == 0 and sent == []  # the claim holds yet
+    wait_for(lambda: move_due(store, sent.append) == 1, 10, 0.2, "the claim to lapse")
+    assert sent == [[record.id]]
+    assert move_due(store, sent.append) == 0  # once per lapse
+    assert store.claim(record.id, "worker-b")  # the new delivery takes the search over
+    assert store.get(record.id).status is PrefetchStatus.SEARCHING
+    store.cancel(record.id, "test over")
+    time.sleep(1.2)
+    assert move_due(store, sent.append) == 0 and len(sent) == 1  # finished: never again
 
 
 def test_a_prior_the_reading_pacs_holds_is_not_fetched_again(
@@ -191,7 +247,7 @@ def test_a_prior_the_reading_pacs_holds_is_not_fetched_again(
     reading.upload_study(history["A2"].study)
     config = parse_config(prefetch_config(redis_url, tmp_path, archive, reading))
     store, jobs = PrefetchStore.from_url(redis_url), JobStore.from_url(redis_url)
-    record, _ = request_prefetch(store, config, _request("PF-PRI-1", "MR"), "api")
+    record, _ = request_prefetch(store, config, _request("PF-PRI-1", "MR"), "api", "alice")
 
     run_prefetch(config, store, jobs, make_celery(config), record.id, "test", today=TODAY)
 
@@ -233,9 +289,10 @@ def test_a_far_future_request_survives_a_restart_of_everything_and_runs_once_at_
         config = parse_config(data)
         store, jobs = PrefetchStore.from_url(durable.url), JobStore.from_url(durable.url)
         at = datetime.now(UTC) + timedelta(seconds=25)
-        soon, _ = request_prefetch(store, config, _request("PF-PRI-1", "MR", at=at), "api")
+        soon, _ = request_prefetch(store, config, _request("PF-PRI-1", "MR", at=at), "api",
+                                      "alice")
         later, _ = request_prefetch(store, config, _request(
-            "PF-PRI-2", "MR", at=at + timedelta(days=1)), "api")
+            "PF-PRI-2", "MR", at=at + timedelta(days=1)), "api", "alice")
 
         def fleet(round_: int) -> list[CliProcess]:
             worker = WorkerProcess(path, tmp_path / f"worker{round_}.log")
@@ -291,7 +348,7 @@ def test_prefetch_jobs_overtake_queued_migration_jobs_of_the_same_source(
                                         store="local", priority=0), origin="migration")
                  for acc, item in history.items() if acc.startswith("B")]
     enqueue_retrieves(celery, [(job.id, 0) for job in migration])  # queued first
-    record, _ = request_prefetch(store, config, _request("PF-PRI-1", "MR"), "api")
+    record, _ = request_prefetch(store, config, _request("PF-PRI-1", "MR"), "api", "alice")
     run_prefetch(config, store, jobs, celery, record.id, "test", today=TODAY)
     prefetched = [c.job_id for c in store.get(record.id).candidates if c.job_id]
     assert len(prefetched) == 3
@@ -305,3 +362,40 @@ def test_prefetch_jobs_overtake_queued_migration_jobs_of_the_same_source(
     every = wait_for(finished, timeout=120, what="every job to finish")
     started = {job.id: job.started_at for job in every}
     assert max(started[j] for j in prefetched) < min(started[j.id] for j in migration)
+
+
+def test_the_cli_waits_until_the_priors_are_in_place_and_says_why(
+        redis_url: str, tmp_path: Path, archive: Orthanc, reading: Orthanc,
+        history: dict[str, HistoryStudy]) -> None:
+    """``pacsfetch prefetch --wait`` against the fleet as processes (API, worker, scheduler):
+    it prints the request id, then (on stderr) each candidate's decision and reason, and
+    exits 0 once
+    every chosen prior is in the reading PACS."""
+    path = write_toml(prefetch_config(redis_url, tmp_path, archive, reading),
+                      tmp_path / "fleet.toml")
+    api = ApiProcess(path, tmp_path / "api.log", free_port())
+    worker = WorkerProcess(path, tmp_path / "worker.log")
+    scheduler = SchedulerProcess(path, tmp_path / "scheduler.log")
+    try:
+        api.wait_ready()
+        worker.wait_ready()
+        scheduler.wait_ready()
+        result = subprocess.run(
+            [sys.executable, "-m", "pacsfetch", "prefetch", "--api", api.url,
+             "--patient-id", "PF-PRI-1", "--modality", "MR", "--accession", "CLI1", "--wait"],
+            capture_output=True, text=True, timeout=180,
+            env={**os.environ, "COLUMNS": "200"})
+    finally:
+        for process in (scheduler, worker, api):
+            process.stop()
+    assert result.returncode == 0, result.stdout + result.stderr
+    (prefetch_id,) = result.stdout.split()  # the id alone on stdout, for scripts
+    record = PrefetchStore.from_url(redis_url).get(prefetch_id)
+    lines = result.stderr.splitlines()  # what an operator reads
+    assert record.status is PrefetchStatus.DONE and lines[-1] == "done", result.stderr
+    chosen = [c.study_uid for c in record.candidates if c.decision.value == "chosen"]
+    printed = [line.split()[0] for line in lines[:-1]]
+    assert printed.count("chosen") == len(chosen) > 0
+    assert len(printed) == len(record.candidates)
+    for uid in chosen:
+        assert len(reading.list_study_instances(uid)) == len(history_study(history, uid))

@@ -4,6 +4,7 @@ after ``[jobs] retention_days``; the sweep takes their ids out of the indexes (r
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
 import pytest
 import redis
@@ -11,7 +12,16 @@ import redis
 from pacsfetch import retention
 from pacsfetch.config import ConfigError, parse_config
 from pacsfetch.jobstore import JobNotFound, JobStore
+from pacsfetch.migrations import (
+    MigrationRequest,
+    MigrationStatus,
+    MigrationStore,
+    StudyRow,
+    StudyState,
+)
 from pacsfetch.models import JobRequest, JobStatus
+from pacsfetch.prefetch import CurrentExam, PrefetchRequest, PrefetchStore
+from pacsfetch.prefetch_rules import RuleMatch
 
 STUDY = "1.2.826.0.1.3680043.8.498.31"
 DAY = 86400
@@ -79,12 +89,37 @@ def test_expired_jobs_leave_the_indexes_on_sweep(redis_url: str) -> None:
     assert store.get(waiting.id).status is JobStatus.QUEUED  # never expires while not final
 
 
-def test_other_records_expire_with_the_same_setting(redis_url: str) -> None:
-    """What a migration's or a prefetch's finished records call."""
+def test_finished_migrations_and_prefetches_expire_with_the_same_setting(
+        redis_url: str) -> None:
+    """Every key of a finished migration (its plan and the missing-UID lists too) and a
+    finished prefetch get the jobs' TTL; a migration running again keeps its keys; the sweep
+    drops an expired migration from the index."""
     config = parse_config({"broker": {"url": redis_url}, "jobs": {"retention_days": 2}})
-    r = redis.Redis.from_url(redis_url)
-    r.hset("pacsfetch:mig:abc", "status", "finished")
-    r.hset("pacsfetch:mig:abc:studies", "1.2.3", "x")
-    retention.expire_finished(r, ["pacsfetch:mig:abc", "pacsfetch:mig:abc:studies"], config)
-    assert all(2 * DAY - 60 < r.ttl(k) <= 2 * DAY
-               for k in ("pacsfetch:mig:abc", "pacsfetch:mig:abc:studies"))
+    ttl = retention.retention_seconds(config)
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    migrations = MigrationStore.from_url(redis_url, retention_seconds=ttl)
+    mig = migrations.create(MigrationRequest(source="orthanc", stores=["local"]), "alice")
+    assert mig.created_by == "alice"
+    migrations.add_studies(mig.id, [StudyRow(STUDY, StudyState.PLANNED, "20200101", 3)])
+    migrations.take(mig.id, 1)
+    migrations.set_study(mig.id, StudyRow(STUDY, StudyState.MISMATCH, "20200101", 3, 2))
+    migrations.record_missing(mig.id, STUDY, ["1.2.3.4"])
+    migrations.finish(mig.id, MigrationStatus.PARTIAL)
+    keys = [migrations.key(mig.id), migrations.key(mig.id, "studies"),
+            migrations.key(mig.id, f"missing:{STUDY}")]
+    assert all(2 * DAY - 60 < r.ttl(k) <= 2 * DAY for k in keys), [r.ttl(k) for k in keys]
+    assert migrations.retry_failed(mig.id) == 1  # running again: nothing expires meanwhile
+    assert all(r.ttl(k) == -1 for k in keys[:2])
+
+    prefetches = PrefetchStore.from_url(redis_url, retention_seconds=ttl)
+    request = PrefetchRequest(patient_id="P-RET", current=CurrentExam(modality="CT"))
+    record, _ = prefetches.create(request, rule=RuleMatch(name="ct", reason="test"),
+                                  lead=timedelta(0), suppress=timedelta(hours=1),
+                                  trigger="api", created_by="alice")
+    assert r.ttl(f"pacsfetch:prefetch:{record.id}") == -1  # live: kept
+    prefetches.cancel(record.id, "test")
+    assert 2 * DAY - 60 < r.ttl(f"pacsfetch:prefetch:{record.id}") <= 2 * DAY
+
+    r.delete(*keys[:2])  # as Redis does once the TTL runs out
+    assert retention.sweep(config) == 1
+    assert migrations.list()[1] == 0 and migrations.active() == []

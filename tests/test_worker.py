@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from helpers import WorkerProcess, make_config, wait_for
 
 from pacsfetch.api.app import create_app
 from pacsfetch.config import parse_config
+from pacsfetch.sandbox.latency import LatencyProxy
 from pacsfetch.sandbox.peers import Orthanc
 from pacsfetch.sandbox.samples import SampleStudy
 
@@ -24,6 +25,19 @@ from pacsfetch.sandbox.samples import SampleStudy
 @pytest.fixture
 def setup(redis_url: str, tmp_path: Path, orthanc: Orthanc) -> dict[str, Any]:
     return make_config(redis_url=redis_url, store_root=tmp_path / "store", orthanc=orthanc)
+
+
+@pytest.fixture
+def slow_setup(setup: dict[str, Any], orthanc: Orthanc) -> Iterator[dict[str, Any]]:
+    """The same PACS 20 ms of round trip away, so a 400-instance C-GET takes seconds.
+
+    Orthanc waits for each C-STORE response before sending the next instance, so every
+    instance costs a round trip: long enough for a test to act while the job runs, on a
+    machine of any speed (on loopback the whole study arrives in well under a second).
+    """
+    with LatencyProxy("127.0.0.1", orthanc.dicom_port, rtt_ms=20) as proxy:
+        setup["sources"]["orthanc"]["port"] = proxy.port
+        yield setup
 
 
 def _client(config: dict[str, Any]) -> TestClient:
@@ -75,10 +89,11 @@ def test_echo_without_worker_times_out(setup: dict[str, Any]) -> None:
     assert reply.status_code == 504 and "no worker answered" in reply.json()["detail"]
 
 
-def test_cancel_a_running_job_stops_the_c_get(setup: dict[str, Any], start_worker: Callable[..., WorkerProcess],
+def test_cancel_a_running_job_stops_the_c_get(slow_setup: dict[str, Any],
+                                              start_worker: Callable[..., WorkerProcess],
                                               big_study: SampleStudy, tmp_path: Path) -> None:
-    start_worker(setup)
-    client = _client(setup)
+    start_worker(slow_setup)
+    client = _client(slow_setup)
     job_id = client.post("/jobs", json={"source": "orthanc", "study_uid": big_study.study_uid,
                                         "store": "local"}).json()["id"]
     wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress"]["completed"] >= 10,
@@ -94,11 +109,11 @@ def test_cancel_a_running_job_stops_the_c_get(setup: dict[str, Any], start_worke
 
 
 def test_killed_worker_process_job_is_redelivered_and_completes(
-    setup: dict[str, Any], start_worker: Callable[..., WorkerProcess],
+    slow_setup: dict[str, Any], start_worker: Callable[..., WorkerProcess],
     big_study: SampleStudy, tmp_path: Path,
 ) -> None:
-    worker = start_worker(setup)
-    client = _client(setup)
+    worker = start_worker(slow_setup)
+    client = _client(slow_setup)
     job_id = client.post("/jobs", json={"source": "orthanc", "study_uid": big_study.study_uid,
                                         "store": "local"}).json()["id"]
     wait_for(lambda: client.get(f"/jobs/{job_id}").json()["progress"]["completed"] >= 40,

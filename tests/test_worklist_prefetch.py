@@ -1,6 +1,7 @@
 """The worklist trigger against Orthanc's ModalityWorklists plugin as the worklist SCP: each
-scheduled procedure makes exactly one prefetch, however often it is polled, and an HL7
-order that came first for the same accession number is joined, not repeated."""
+scheduled procedure makes exactly one prefetch, however often it is polled, an HL7
+order that came first for the same accession number is joined, not repeated, and a
+cancelled order stays cancelled however often the worklist still lists it."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import pytest
 from helpers import make_config
 
 from pacsfetch.config import Config, parse_config
-from pacsfetch.prefetch import CurrentExam, PrefetchRequest, PrefetchStore
-from pacsfetch.prefetch_intake import request_prefetch
+from pacsfetch.prefetch import CurrentExam, PrefetchRequest, PrefetchStatus, PrefetchStore
+from pacsfetch.prefetch_intake import cancel_prefetch, request_prefetch
 from pacsfetch.sandbox.peers import Orthanc
 from pacsfetch.sandbox.priors import ORTHANC_WORKLIST_PLUGIN, write_worklist_entry
 from pacsfetch.workers.prefetch import poll_worklist
@@ -57,13 +58,13 @@ def test_each_worklist_entry_makes_exactly_one_prefetch(config: Config, redis_ur
     hl7_record, _ = request_prefetch(store, config, PrefetchRequest(
         patient_id="PF-WL-3", current=CurrentExam(
             modality="MR", accession_number="WL4",
-            scheduled_at=NOW + timedelta(hours=5))), "hl7")
+            scheduled_at=NOW + timedelta(hours=5))), "hl7", "hl7-listener")
 
     new = [poll_worklist(config, store, "ris", worklist) for _ in range(10)]
 
     assert new == [1] + [0] * 9
     (record,) = store.for_patient("PF-WL-1")
-    assert record.created_by == "worklist:ris"
+    assert (record.trigger, record.created_by) == ("worklist:ris", "scheduler")
     assert record.request.current.accession_number == "WL1"
     assert record.request.current.scheduled_at == NOW + timedelta(hours=3)
     assert record.request.current.study_description == "MR BRAIN"
@@ -71,3 +72,12 @@ def test_each_worklist_entry_makes_exactly_one_prefetch(config: Config, redis_ur
     assert store.for_patient("PF-WL-2") == []  # CT: filtered by the worklist's modality
     assert [r.id for r in store.for_patient("PF-WL-3")] == [hl7_record.id]
     assert store.waiting() == 2
+
+    # The RIS cancels WL1 by HL7; the worklist still lists it for a while: it stays cancelled.
+    cancelled = cancel_prefetch(store, config, record.request, "hl7", "hl7-listener",
+                                "cancelled by ORM^O01")
+    assert cancelled is not None and cancelled.status is PrefetchStatus.CANCELLED
+    assert [poll_worklist(config, store, "ris", worklist) for _ in range(3)] == [0, 0, 0]
+    (still,) = store.for_patient("PF-WL-1")
+    assert still.id == record.id and still.status is PrefetchStatus.CANCELLED
+    assert store.waiting() == 1

@@ -25,6 +25,7 @@ from pacsfetch.config import Config, describe_validation_error
 from pacsfetch.hl7_orders import Order, OrderRefused, parse_message, read_order
 from pacsfetch.prefetch import CurrentExam, PrefetchRequest, PrefetchStore
 from pacsfetch.prefetch_intake import NoRule, cancel_prefetch, request_prefetch
+from pacsfetch.tokens import HL7_LISTENER
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +95,19 @@ class Hl7Handler:
 
     def _act(self, order: Order) -> tuple[str, str]:
         request = _request(order)
-        created_by = "hl7"
         if order.action == "cancel":
-            record = cancel_prefetch(self._store, request, created_by,
-                                     f"cancelled by {order.message_type}")
+            record = cancel_prefetch(self._store, self._config, request, "hl7",
+                                     HL7_LISTENER.name, f"cancelled by {order.message_type}")
             if record is None:
                 return "AA", "no pending prefetch for that order"
             return "AA", f"prefetch {record.id} cancelled"
-        record, created = request_prefetch(self._store, self._config, request, created_by)
-        return "AA", (f"prefetch {record.id} scheduled" if created
-                      else f"same order as prefetch {record.id}")
+        record, created = request_prefetch(self._store, self._config, request, "hl7",
+                                           HL7_LISTENER.name, renew=order.renews)
+        if created:
+            return "AA", f"prefetch {record.id} scheduled"
+        if record.status.value == "cancelled":
+            return "AA", f"order cancelled before (prefetch {record.id}); not scheduled again"
+        return "AA", f"same order as prefetch {record.id}"
 
 
 class Hl7Listener:

@@ -14,6 +14,12 @@ Instance UIDs by instance-level C-FIND against what each store lists) -> ``verif
 ``mismatch`` with the missing UIDs. At most the migration's in-flight limit of studies are
 between check and verify at once; a source answering "busy" lowers it
 (:mod:`pacsfetch.pushback`).
+
+Feeding also stops :data:`CLOSING_MARGIN` seconds before the source's time window closes (a
+study started then would open its association just to be told to stop), and, when the
+source has ``max_mb_per_second``, until the bytes the migration moved fit under that rate
+(:func:`next_feed_at`): the per-association limiter paces each transfer, this keeps the
+migration's average under the cap however many studies run at once.
 """
 
 from __future__ import annotations
@@ -23,11 +29,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import datetime
+from datetime import UTC, datetime
 
 import redis
 from celery import Celery
 
+from pacsfetch import retention
 from pacsfetch.config import Config
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.gate import AssociationGate, process_gate
@@ -44,6 +51,7 @@ from pacsfetch.plugins.registry import Registry, get_registry
 from pacsfetch.plugins.stores.dicom_inventory import find_study_instances
 from pacsfetch.pushback import Pace
 from pacsfetch.queue import enqueue_retrieves, make_celery
+from pacsfetch.retention import retention_seconds
 from pacsfetch.workers.inventory import missing_from, study_inventory
 from pacsfetch.workers.planner import run_planning
 from pacsfetch.workers.scheduler import Duty
@@ -59,6 +67,8 @@ PLAN_ATTEMPTS = 5
 """Planning attempts in a row that may fail before the migration fails."""
 RATE_SECONDS = 10.0
 """The current rate is measured over windows of this length."""
+CLOSING_MARGIN = 10.0
+"""Seconds before a window closes in which no new study is fed."""
 CHECK = "check"
 VERIFY = "verify"
 
@@ -71,8 +81,9 @@ class MigrationFeeder:
                  gate: AssociationGate | None = None, registry: Registry | None = None,
                  threads: int = THREADS) -> None:
         self.config = config
-        self.store = store or MigrationStore.from_url(config.broker.url)
-        self.jobs = jobs or JobStore.from_url(config.broker.url)
+        self.store = store or MigrationStore.from_url(
+            config.broker.url, retention_seconds=retention_seconds(config))
+        self.jobs = jobs or retention.jobstore(config)
         self.celery = celery or make_celery(config)
         self.gate = gate or process_gate(config)
         self.registry = registry or get_registry()
@@ -90,12 +101,14 @@ class MigrationFeeder:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     # the tick ---------------------------------------------------------------------------
-    def tick(self) -> None:
+    def tick(self, now: datetime | None = None) -> None:
+        """One pass over every active migration; *now* (tests) sets the clock of the
+        windows and the rate cap."""
         for key in [k for k, f in self._tasks.items() if f.done()]:
             del self._tasks[key]
         for mig_id in self.store.active():
             try:
-                self._tick_one(mig_id)
+                self._tick_one(mig_id, now or datetime.now(UTC))
             except redis.RedisError:
                 raise
             except Exception:  # one migration's trouble must not stop the others
@@ -122,7 +135,7 @@ class MigrationFeeder:
 
         self._tasks[key] = self._pool.submit(run)
 
-    def _tick_one(self, mig_id: str) -> None:
+    def _tick_one(self, mig_id: str, now: datetime) -> None:
         fields = self.store.fields(mig_id)
         request = MigrationRequest.model_validate_json(fields["request"])
         if fields.get("cancel") == "1":
@@ -132,11 +145,15 @@ class MigrationFeeder:
         plan_done = fields.get("plan_done") == "1"
         inflight = self.store.inflight(mig_id)
         self._follow(mig_id, request, inflight)
-        closed = self.gate.window_wait(request.source)
+        closed = self.gate.window_wait(request.source, now)
         if not plan_done and not paused and closed is None:
             self._plan(mig_id)
         pace = Pace.from_fields(fields, request.max_in_flight)
-        if not paused and closed is None and not pace.backing_off():
+        closes = self.gate.schedule(request.source).closes_at(now)
+        closing = closes is not None and (closes - now).total_seconds() < CLOSING_MARGIN
+        capped = now.timestamp() < float(fields.get("rate_next") or 0)
+        if not paused and closed is None and not closing and not capped \
+                and not pace.backing_off(now.timestamp()):
             for uid in self.store.take(mig_id, pace.limit):
                 self._submit((mig_id, uid), self._checker(mig_id, request, uid))
         self._report(mig_id, fields, request, closed, plan_done, inflight)
@@ -249,7 +266,8 @@ class MigrationFeeder:
         job = JobRequest(source=request.source, study_uid=uid, stores=request.stores,
                          level=Level.IMAGE if sop_uids else Level.STUDY, sop_uids=sop_uids,
                          transport=request.transport, priority=request.priority)
-        joined = self.jobs.create_or_join(job, origin="migration")
+        created_by = self.store.client.hget(self.store.key(mig_id), "created_by") or None
+        joined = self.jobs.create_or_join(job, origin="migration", created_by=created_by)
         if not joined.joined or joined.requeue:
             enqueue_retrieves(self.celery, [(joined.record.id, joined.record.request.priority)])
         running = StudyRow(uid, StudyState.RUNNING, row.study_date, row.instances_source,
@@ -300,8 +318,18 @@ class MigrationFeeder:
                          error)
         self.store.set_study(mig_id, final, moved=moved, moved_bytes=moved_bytes,
                              done_instances=done_count)
+        self.moved(mig_id, request, moved_bytes)
         if state is StudyState.VERIFIED:
             Pace.recovered(self.store, mig_id, request.max_in_flight)
+
+    def moved(self, mig_id: str, request: MigrationRequest, nbytes: int,
+              now: float | None = None) -> None:
+        """Account a study's bytes against the source's rate cap (see :func:`next_feed_at`)."""
+        cap = self.config.sources[request.source].max_mb_per_second
+        if cap and nbytes > 0:
+            previous = float(self.store.fields(mig_id).get("rate_next") or 0)
+            self.store.set_fields(mig_id, rate_next=next_feed_at(
+                previous, time.time() if now is None else now, nbytes, cap))
 
     def _push_back(self, mig_id: str, row: StudyRow, error: str) -> None:
         """The source said "busy": the study goes back to the front of the queue, and the
@@ -362,6 +390,14 @@ class MigrationFeeder:
 
     def _working_on(self, mig_id: str) -> bool:
         return any(key[0] == mig_id and not f.done() for key, f in self._tasks.items())
+
+
+def next_feed_at(previous: float, now: float, nbytes: int, mb_per_second: float) -> float:
+    """When the next study may be fed after one that moved *nbytes*: a virtual clock that
+    advances by the time *nbytes* take at the cap (GCRA, with a burst of one study). A study
+    that already took that long adds no wait; studies that ran in parallel add up."""
+    cost = nbytes / (mb_per_second * 1_000_000)
+    return max(previous, now - cost) + cost
 
 
 def migration_duty(config: Config) -> Duty:

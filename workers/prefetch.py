@@ -50,7 +50,9 @@ from pacsfetch.prefetch_rules import (
     choose_priors,
 )
 from pacsfetch.queue import PREFETCH_TASK, enqueue_prefetches, enqueue_retrieves, make_celery
+from pacsfetch.retention import retention_seconds
 from pacsfetch.studyquery import StudyQuery
+from pacsfetch.tokens import SCHEDULER
 from pacsfetch.workers.inventory import held_by_all
 from pacsfetch.workers.scheduler import Duty
 
@@ -162,7 +164,8 @@ def run_prefetch(config: Config, store: PrefetchStore, jobs: JobStore, celery: C
             continue
         joined = jobs.create_or_join(JobRequest(
             source=cand.source, level=Level.STUDY, study_uid=cand.study_uid,
-            stores=list(rule.stores), priority=rule.priority), origin="prefetch")
+            stores=list(rule.stores), priority=rule.priority), origin="prefetch",
+            created_by=record.created_by)
         if not joined.joined or joined.requeue:
             to_queue.append((joined.record.id, joined.record.request.priority))
         decided[index] = cand.model_copy(update={"job_id": joined.record.id,
@@ -178,7 +181,7 @@ def _fail(store: PrefetchStore, record: PrefetchRecord, reason: str) -> None:
     if store.transition(record.id, PrefetchStatus.FAILED,
                         [PrefetchStatus.SEARCHING, PrefetchStatus.FETCHING], error=reason,
                         finished_at=_now().isoformat()):
-        PREFETCH_REQUESTS.labels(trigger_of(record.created_by), "failed").inc()
+        PREFETCH_REQUESTS.labels(trigger_of(record.trigger), "failed").inc()
 
 
 def _done(store: PrefetchStore, record: PrefetchRecord, in_place: datetime,
@@ -189,7 +192,7 @@ def _done(store: PrefetchStore, record: PrefetchRecord, in_place: datetime,
     if store.transition(record.id, status, [from_status], error=error,
                         finished_at=_now().isoformat(), in_place_at=in_place.isoformat(),
                         lead_seconds=repr(lead) if lead is not None else None):
-        PREFETCH_REQUESTS.labels(trigger_of(record.created_by), status.value).inc()
+        PREFETCH_REQUESTS.labels(trigger_of(record.trigger), status.value).inc()
         if lead is not None and status is PrefetchStatus.DONE:
             PREFETCH_LEAD_TIME.observe(lead)
 
@@ -226,12 +229,18 @@ def watch_fetching(store: PrefetchStore, jobs: JobStore) -> None:
 
 
 def move_due(store: PrefetchStore, send: Callable[[list[str]], None]) -> int:
-    """Hand due requests to the queue; each leaves the schedule exactly once."""
+    """Hand due requests to the queue (each leaves the schedule exactly once), and send
+    again the searches whose worker died (their claim lapsed)."""
     due = store.pop_due()
     if due:
         send(due)
         store.handed_off(due)
-    return len(due)
+    lapsed = store.lapsed_claims()
+    if lapsed:
+        log.warning("prefetch searches whose worker vanished sent again",
+                    extra={"prefetches": len(lapsed)})
+        send(lapsed)
+    return len(due) + len(lapsed)
 
 
 def poll_worklist(config: Config, store: PrefetchStore, name: str, worklist: WorklistConfig,
@@ -259,7 +268,8 @@ def poll_worklist(config: Config, store: PrefetchStore, name: str, worklist: Wor
         if store.find_order(request) is not None:
             continue
         try:
-            _, new = request_prefetch(store, config, request, f"worklist:{name}")
+            _, new = request_prefetch(store, config, request, f"worklist:{name}",
+                                      SCHEDULER.name, renew=False)
         except NoRule:
             continue
         created += new
@@ -288,7 +298,8 @@ def register(app: Celery, config: Config) -> None:
         pid = os.getpid()  # prefork children must not share their parent's sockets
         if pid not in stores:
             stores.clear()
-            stores[pid] = (PrefetchStore.from_url(config.broker.url),
+            stores[pid] = (PrefetchStore.from_url(
+                config.broker.url, retention_seconds=retention_seconds(config)),
                            JobStore.from_url(config.broker.url))
         return stores[pid]
 
@@ -305,7 +316,8 @@ def register(app: Celery, config: Config) -> None:
 def duties(config: Config) -> list[Duty]:
     """The scheduler's prefetch duties: start due requests, finish fetched ones, and poll
     each configured worklist."""
-    store = PrefetchStore.from_url(config.broker.url)
+    store = PrefetchStore.from_url(config.broker.url,
+                                   retention_seconds=retention_seconds(config))
     jobs = JobStore.from_url(config.broker.url)
     celery = make_celery(config)
     return [

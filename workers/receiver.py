@@ -8,24 +8,33 @@ where the PACS sends them, else by the UIDs the job asked for. Matched instances
 the job's own :class:`~pacsfetch.workers.pipeline.InstancePipeline` (scope, dedupe,
 validation, stage and commit in the job's stores, batched records), one pipeline per job
 and association; instances no running job claims are refused, never written.
+
+The server runs on the project's DIMSE engine (:mod:`pacsfetch.plugins.dimse`): one
+thread blocks in ``accept``, and each admitted connection gets a thread of its own that
+owns the association from the A-ASSOCIATE-RQ to the close. Data sets go fragment by
+fragment from the socket into a spool file (:func:`~pacsfetch.plugins.dimse.services.receive_store`),
+as for C-GET. Timeouts are deadlines on the blocking reads: ARTIM for a peer that connects
+and says nothing, ``[receiver] idle_timeout`` for one that sends no data sets. With
+``[receiver.tls]`` every accepted connection is wrapped in TLS before any DICOM is read.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-import socketserver
+import socket
+import ssl
 import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
-from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
-from pynetdicom.transport import ThreadedAssociationServer
+from pydicom._uid_dict import UID_dictionary
+from pydicom.uid import AllTransferSyntaxes
 
 from pacsfetch.config import Config
 from pacsfetch.metrics import INSTANCE_FAILURES
@@ -33,8 +42,22 @@ from pacsfetch.models import Level, Progress
 from pacsfetch.moves import MoveBook, MoveExpectation, Plan
 from pacsfetch.plugins.contracts import InstanceIdentity, StoreSession
 from pacsfetch.plugins.dicomfile import UnreadableInstance, read_identity
-from pacsfetch.plugins.dimse.legacy import STORE_STATUS
-from pacsfetch.plugins.dulpace import pace
+from pacsfetch.plugins.dimse import messages as m
+from pacsfetch.plugins.dimse import pdu
+from pacsfetch.plugins.dimse.association import (
+    Association,
+    DimseError,
+    PeerReleased,
+    PeerTimeout,
+)
+from pacsfetch.plugins.dimse.services import (
+    QUERY_SYNTAXES,
+    STORE_STATUS,
+    VERIFICATION,
+    Spool,
+    receive_store,
+)
+from pacsfetch.plugins.dimse.tls import server_context
 from pacsfetch.plugins.registry import Registry
 from pacsfetch.workers import lifecycle
 from pacsfetch.workers.moves import MIN_EXPECTATION_TTL
@@ -43,15 +66,28 @@ from pacsfetch.workers.receiver_policy import ReceiverPolicy, Refusal, count_ref
 
 log = logging.getLogger(__name__)
 
-# Stream each incoming C-STORE data set to a spool file instead of memory.
-_config.STORE_RECV_CHUNKED_DATASET = True
-
 EXPECTATION_CACHE_SECONDS = 1.0
 """How long the receiver trusts its copy of the move expectations; a C-STORE that matches
 none of them re-reads them at once, so a job registered a moment ago is never refused."""
 
 NO_JOB_STATUS = 0x0124
 """Refused: Not Authorised -- the instance belongs to no running job."""
+UNRECOGNISED_OPERATION = 0x0211
+
+ARTIM_SECONDS = 10.0
+"""How long a new connection may take to send its A-ASSOCIATE-RQ (and finish the TLS
+handshake): a peer that connects and says nothing holds a slot no longer than this."""
+MAX_RECEIVE_PDU = pdu.RECEIVE_UNLIMITED
+"""The maximum PDU length the receiver announces."""
+LISTEN_BACKLOG = 128
+
+STORAGE_CLASSES = frozenset(
+    uid for uid, entry in UID_dictionary.items()
+    if entry[1] == "SOP Class" and entry[4].endswith("Storage")
+)
+"""Every storage SOP class of the standard (pydicom's UID dictionary): what we accept."""
+TRANSFER_SYNTAXES = frozenset(AllTransferSyntaxes)
+"""Transfer syntaxes pydicom can read headers of; instances are stored as they arrive."""
 
 
 class _MoveJobState:
@@ -146,16 +182,18 @@ def _match(items: list[MoveExpectation], originator_ae: str | None, message_id: 
     return None
 
 
-@dataclass
-class _AssociationJobs:
-    """The pipelines (one per job) of one incoming association."""
+@dataclass(eq=False)
+class _Inbound:
+    """One incoming association: who it is, the pipelines (one per job) it feeds, and the
+    C-STORE command being served (its Move Originator attributes pick the job)."""
 
+    assoc: Association
+    address: str
+    calling_ae: str
     pipelines: dict[str, InstancePipeline] = field(default_factory=dict)
     sessions: list[StoreSession] = field(default_factory=list)
     plans: dict[str, Plan | None] = field(default_factory=dict)
-    last_data: float = field(default_factory=time.monotonic)
-    """When data-set bytes last arrived (C-ECHOs do not count): idle associations end."""
-
+    command: dict[int, Any] = field(default_factory=dict)
 
 @dataclass
 class ReceiverStats:
@@ -183,194 +221,317 @@ class MoveReceiver:
         self.policy = ReceiverPolicy(config)
         self._digests: dict[str, dict[str, str]] = {}
         """Per job: SOP Instance UID -> content digest of the copy this receiver stored."""
-        self._admitted: dict[str, list[object]] = {}
-        """Per peer address: the sockets admitted (closed ones are pruned when counting)."""
-        self._reaper = threading.Event()
-        self._associations: dict[int, _AssociationJobs] = {}
+        self._connections: dict[socket.socket, str] = {}
+        """Every admitted connection (until its thread ends) -> the peer's address."""
+        self._inbound: dict[socket.socket, _Inbound] = {}
+        """The established associations among them."""
         self._lock = threading.Lock()
         self._spool = tempfile.TemporaryDirectory(prefix="pacsfetch-receiver-")
-        self._server: ThreadedAssociationServer | None = None
-        self._previous_tempdir: str | None = None
+        self._listener: socket.socket | None = None
+        self._acceptor: threading.Thread | None = None
+        self._tls: ssl.SSLContext | None = None
+        self._names = itertools.count(1)
 
-    def _ae(self) -> AE:
-        settings = self.config.receiver
-        ae = AE(ae_title=settings.ae_title)
-        # The PACS calls us by the move destination it knows; which name does not matter.
-        ae.require_called_aet = False
-        if settings.accept_from:
-            ae.require_calling_aet = list(settings.accept_from)
-        ae.maximum_associations = settings.max_associations
-        ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-        return ae
-
+    # serving ------------------------------------------------------------------
     def start(self) -> None:
+        """Listen on ``[receiver] bind:port`` and accept in a background thread."""
         settings = self.config.receiver
-        # pynetdicom spools each data set with tempfile: keep the spool ours.
-        self._previous_tempdir, tempfile.tempdir = tempfile.tempdir, self._spool.name
-        self._server = self._ae().start_server(
-            (settings.bind, settings.port), block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_c_store),
-                          (evt.EVT_CONN_OPEN, self._on_open),
-                          (evt.EVT_ACCEPTED, self._on_accepted),
-                          (evt.EVT_CONN_CLOSE, self._on_close),
-                          (evt.EVT_PDU_RECV, self._on_pdu)],
-        )
-        self._server.verify_request = self._admit  # refuse at once, before any DICOM is read
-        threading.Thread(target=self._reap_idle, name="receiver-idle", daemon=True).start()
+        if settings.tls is not None:
+            self._tls = server_context(settings.tls)
+        family = socket.AF_INET6 if ":" in settings.bind else socket.AF_INET
+        self._listener = socket.create_server((settings.bind, settings.port), family=family,
+                                              backlog=LISTEN_BACKLOG)
+        self._acceptor = threading.Thread(target=self._accept_loop, args=(self._listener,),
+                                          name="receiver-accept", daemon=True)
+        self._acceptor.start()
         log.info("receiver listening", extra={
             "ae_title": settings.ae_title, "bind": settings.bind, "port": settings.port,
-            "accept_from": list(settings.accept_from)})
+            "accept_from": list(settings.accept_from), "tls": self._tls is not None})
 
     def stop(self) -> None:
-        self._reaper.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-            tempfile.tempdir = self._previous_tempdir
+        """Stop accepting, abort what is still open, remove the spool."""
+        self._stop_accepting()
+        self._abort_all()
+        deadline = time.monotonic() + 5
+        while self._busy() and time.monotonic() < deadline:
+            time.sleep(0.01)
         self._spool.cleanup()
 
     def serve_forever(self) -> None:
         """Serve until SIGTERM or Ctrl-C, then drain (see :mod:`pacsfetch.workers.lifecycle`)."""
         self.start()
-        server = self._server
-        assert server is not None
         try:
             lifecycle.serve_until_drained(
-                stop_accepting=lambda: (socketserver.BaseServer.shutdown(server),
-                                        server.server_close()),
-                busy=lambda: len(server.active_associations),
-                abort_all=lambda: [assoc.abort() for assoc in server.active_associations],
-                alive=lambda: server.socket.fileno() != -1,
+                stop_accepting=self._stop_accepting, busy=self._busy,
+                abort_all=self._abort_all, alive=self._accepting,
                 drain_seconds=self.config.worker.drain_seconds)
         finally:
             self.stop()
 
-    # admission and idleness (decisions in receiver_policy) ---------------------
-    def _admit(self, request: object, client_address: tuple[str, int] | str) -> bool:
-        address = client_address[0] if isinstance(client_address, tuple) else client_address
+    def _stop_accepting(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        try:
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
+        listener.close()
+        if self._acceptor is not None:
+            self._acceptor.join(5)
+
+    def _accepting(self) -> bool:
+        return (self._listener is not None and self._acceptor is not None
+                and self._acceptor.is_alive())
+
+    def _busy(self) -> int:
         with self._lock:
-            for key in list(self._admitted):
-                live = [s for s in self._admitted[key] if s.fileno() != -1]  # type: ignore[attr-defined]
-                if live:
-                    self._admitted[key] = live
-                else:
-                    del self._admitted[key]
-            total = sum(len(socks) for socks in self._admitted.values())
-            refusal = self.policy.admit(address, len(self._admitted.get(address, ())), total)
+            return len(self._connections)
+
+    def _abort_all(self) -> None:
+        """A-ABORT every open association; their threads wake up to a closed connection."""
+        with self._lock:
+            open_now = list(self._inbound.values())
+            bare = [sock for sock in self._connections if sock not in self._inbound]
+        for inbound in open_now:
+            _shut(inbound.assoc.sock, pdu.abort_pdu())
+        for sock in bare:
+            _shut(sock, b"")
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, peer = listener.accept()
+            except OSError:
+                if self._listener is not listener:
+                    return  # closed: draining or stopped
+                time.sleep(0.01)  # out of file descriptors: let a connection end
+                continue
+            address = str(peer[0])
+            if not self._admit(conn, address):
+                _shut(conn, b"")  # refused at once, before any DICOM is read
+                conn.close()
+                continue
+            threading.Thread(target=self._serve, args=(conn, address), daemon=True,
+                             name=f"receiver-{next(self._names)}").start()
+
+    def _admit(self, conn: socket.socket, address: str) -> bool:
+        with self._lock:
+            from_address = sum(1 for a in self._connections.values() if a == address)
+            refusal = self.policy.admit(address, from_address, len(self._connections))
             if refusal is None:
-                self._admitted.setdefault(address, []).append(request)
+                self._connections[conn] = address
         if refusal is not None:
             count_refusal(refusal, address=address)
         return refusal is None
 
-    def _on_pdu(self, event: evt.Event) -> None:
-        pdvs = getattr(event.pdu, "presentation_data_value_items", ())
-        # Bit 0 of a PDV's message control header: 1 command, 0 data set (a C-ECHO has none).
-        if any(not pdv.presentation_data_value[0] & 1 for pdv in pdvs):
-            jobs = self._associations.get(id(event.assoc))
-            if jobs is not None:
-                jobs.last_data = time.monotonic()
+    def _serve(self, conn: socket.socket, address: str) -> None:
+        """One connection, in its own thread: TLS, A-ASSOCIATE, messages, close."""
+        sock: socket.socket = conn
+        inbound: _Inbound | None = None
+        try:
+            if self._tls is not None:
+                wrapped = self._handshake(conn, address)
+                if wrapped is None:
+                    return
+                sock = wrapped
+                with self._lock:
+                    self._connections[sock] = self._connections.pop(conn)
+            assoc = Association.accept(sock, self._decide, max_receive=MAX_RECEIVE_PDU,
+                                       timeout=self.config.receiver.idle_timeout,
+                                       artim=ARTIM_SECONDS)
+            if assoc is None:
+                return
+            assert assoc.peer is not None
+            inbound = _Inbound(assoc, address, assoc.peer.calling_ae)
+            with self._lock:
+                self._inbound[sock] = inbound
+                self.stats.associations += 1
+            self._serve_association(inbound)
+        except Exception:
+            log.exception("receiver association failed", extra={"address": address})
+        finally:
+            if inbound is not None:
+                inbound.assoc.close()
+                self._finish(inbound)
+            try:
+                sock.close()
+            except OSError:
+                pass
+            with self._lock:
+                self._inbound.pop(sock, None)
+                self._connections.pop(sock, None)
+                self._connections.pop(conn, None)
 
-    def _reap_idle(self) -> None:
-        interval = min(1.0, self.config.receiver.idle_timeout / 4)
-        while not self._reaper.wait(interval):
-            server = self._server
-            if server is None:
+    def _handshake(self, conn: socket.socket, address: str) -> socket.socket | None:
+        """The TLS server handshake within ARTIM; a failure is logged, counted, and closes."""
+        assert self._tls is not None
+        conn.settimeout(ARTIM_SECONDS)
+        try:
+            return self._tls.wrap_socket(conn, server_side=True)
+        except (ssl.SSLError, OSError) as exc:
+            count_refusal(Refusal.TLS, address=address,
+                          detail=f"TLS handshake failed: {exc}")
+            _shut(conn, b"")
+            return None
+
+    def _decide(self, rq: pdu.AssociateRequest) -> pdu.AssociateRequest | bytes:
+        """A-ASSOCIATE-AC for storage and verification, or the A-ASSOCIATE-RJ PDU.
+
+        The PACS calls us by the move destination it knows: which called AE title does not
+        matter. ``[receiver] accept_from`` limits calling AE titles.
+        """
+        accept_from = self.config.receiver.accept_from
+        if accept_from and rq.calling_ae not in accept_from:
+            log.warning("receiver rejected an association from an unlisted calling AE title",
+                        extra={"calling_ae": rq.calling_ae})
+            return pdu.reject_pdu(1, 1, 3)  # permanent, service user: calling AE unknown
+        answered = []
+        for cx in rq.contexts:
+            if cx.abstract_syntax == VERIFICATION:
+                usable = [ts for ts in cx.transfer_syntaxes if ts in QUERY_SYNTAXES]
+            elif cx.abstract_syntax in STORAGE_CLASSES:
+                usable = [ts for ts in cx.transfer_syntaxes if ts in TRANSFER_SYNTAXES]
+            else:
+                answered.append(pdu.ProposedContext(cx.id, cx.abstract_syntax, [], result=3))
                 continue
-            now = time.monotonic()
-            for assoc in server.active_associations:
-                jobs = self._associations.get(id(assoc))
-                if jobs is not None and self.policy.idle(jobs.last_data, now):
-                    count_refusal(Refusal.IDLE, address=assoc.requestor.address,
-                                  calling_ae=assoc.requestor.ae_title)
-                    assoc.abort()
+            answered.append(pdu.ProposedContext(cx.id, cx.abstract_syntax, usable[:1],
+                                                result=0 if usable else 4))
+        # Role selection: the peer stays the storage SCU; it never gets our SCP role back.
+        roles = {uid: (scu, False) for uid, (scu, _) in rq.roles.items()
+                 if uid in STORAGE_CLASSES}
+        return pdu.AssociateRequest(called_ae=rq.called_ae, calling_ae=rq.calling_ae,
+                                    contexts=answered, max_pdu=MAX_RECEIVE_PDU, roles=roles)
 
-    # events -------------------------------------------------------------------
-    def _on_open(self, event: evt.Event) -> None:
-        with self._lock:
-            self._associations[id(event.assoc)] = _AssociationJobs()
-            self.stats.associations += 1
+    def _serve_association(self, inbound: _Inbound) -> None:
+        """C-STOREs and C-ECHOs until the peer releases or aborts, or goes idle.
 
-    def _on_accepted(self, event: evt.Event) -> None:
-        # Most PACS send with Nagle's algorithm on: without prompt ACKs (and a DUL thread
-        # that blocks instead of polling) every instance would wait ~40 ms for our ACK.
-        pace(event.assoc)
+        Idleness is a deadline on the blocking read: an association that received no data
+        set for ``idle_timeout`` seconds is aborted, C-ECHOs or not.
+        """
+        assoc = inbound.assoc
+        idle = self.config.receiver.idle_timeout
+        spool = Spool(Path(self._spool.name))
+        store = self._store_handler(inbound)
+        last_data = time.monotonic()
+        shortened = False
+        try:
+            while True:
+                if shortened:
+                    left = idle - (time.monotonic() - last_data)
+                    if left <= 0:
+                        self._idle(inbound)
+                        return
+                    assoc.sock.settimeout(left)
+                try:
+                    pcid, command = assoc.read_command()
+                except PeerTimeout:
+                    self._idle(inbound)
+                    return
+                except PeerReleased:
+                    return
+                except DimseError as exc:
+                    log.info("receiver association ended", extra={
+                        "address": inbound.address, "calling_ae": inbound.calling_ae,
+                        "reason": str(exc)})
+                    return
+                field_ = command[m.COMMAND_FIELD]
+                if field_ == m.C_STORE_RQ:
+                    if shortened:
+                        assoc.sock.settimeout(idle)
+                        shortened = False
+                    inbound.command = command
+                    receive_store(assoc, pcid, command, spool, store)
+                    last_data = time.monotonic()
+                    continue
+                shortened = True
+                if field_ == m.C_ECHO_RQ:
+                    assoc.send_message(pcid, m.response(
+                        m.C_ECHO_RSP, command.get(m.MESSAGE_ID, 0), 0x0000,
+                        sop_class=VERIFICATION))
+                    continue
+                if m.has_data_set(command):
+                    assoc.read_data_set(pcid, _discard)
+                if not field_ & 0x8000 and field_ != m.C_CANCEL_RQ:
+                    assoc.send_message(pcid, m.response(
+                        field_ | 0x8000, command.get(m.MESSAGE_ID, 0), UNRECOGNISED_OPERATION))
+        except DimseError as exc:
+            log.info("receiver association ended", extra={
+                "address": inbound.address, "calling_ae": inbound.calling_ae,
+                "reason": str(exc)})
+        finally:
+            spool.close()
 
-    def _on_close(self, event: evt.Event) -> None:
-        with self._lock:
-            jobs = self._associations.pop(id(event.assoc), None)
-        if jobs is None:
-            return
-        for job_id, pipeline in jobs.pipelines.items():
+    def _idle(self, inbound: _Inbound) -> None:
+        count_refusal(Refusal.IDLE, address=inbound.address, calling_ae=inbound.calling_ae)
+        inbound.assoc.abort()
+
+    def _finish(self, inbound: _Inbound) -> None:
+        """Record what the association's pipelines hold, close their store sessions."""
+        for job_id, pipeline in inbound.pipelines.items():
             try:
                 pipeline.flush()
             except Exception:
                 log.exception("could not record a job's instances", extra={"job_id": job_id})
-        for session in jobs.sessions:
+        for session in inbound.sessions:
             session.close()
 
-    def _on_c_store(self, event: evt.Event) -> int:
-        request = event.request
-        path = Path(event.dataset_path)
-        spool_handle = getattr(request, "_dataset_file", None)
-        if spool_handle is not None:
-            spool_handle.close()
-        try:
-            found = self._pipeline_for(event.assoc, request, path)
-        except Exception:
-            path.unlink(missing_ok=True)
-            raise
-        if found is None:
-            path.unlink(missing_ok=True)
-            self.stats.no_job += 1
-            INSTANCE_FAILURES.labels(reason="no-job", transport="c-move", source="none").inc()
-            return NO_JOB_STATUS
-        if isinstance(found, Refusal):
-            path.unlink(missing_ok=True)
-            return NO_JOB_STATUS
-        pipeline, job_id = found
-        conflicts = pipeline.conflicts
-        verdict = pipeline.accept(path, sop_class_uid=str(request.AffectedSOPClassUID),
-                                  sop_instance_uid=str(request.AffectedSOPInstanceUID))
-        if pipeline.conflicts > conflicts:
-            self._refuse(Refusal.CONFLICTING_COPY, job_id, event.assoc)
-        self.stats.verdicts[verdict.value] = self.stats.verdicts.get(verdict.value, 0) + 1
-        return STORE_STATUS[verdict]
+    # instances ----------------------------------------------------------------
+    def _store_handler(self, inbound: _Inbound) -> Any:
+        """The C-STORE sink of one association: (spool path, SOP class, SOP instance) ->
+        status. The path is the pipeline's (or removed) once it returns."""
 
-    def _refuse(self, reason: Refusal, job_id: str, assoc: Association) -> None:
-        count_refusal(reason, job_id=job_id, address=assoc.requestor.address,
-                      calling_ae=assoc.requestor.ae_title)
+        def store(path: Path, sop_class: str, sop_instance: str) -> int:
+            found = self._pipeline_for(inbound, path)
+            if found is None:
+                self.stats.no_job += 1
+                INSTANCE_FAILURES.labels(reason="no-job", transport="c-move",
+                                         source="none").inc()
+                return NO_JOB_STATUS
+            if isinstance(found, Refusal):
+                return NO_JOB_STATUS
+            pipeline, job_id = found
+            conflicts = pipeline.conflicts
+            verdict = pipeline.accept(path, sop_class_uid=sop_class,
+                                      sop_instance_uid=sop_instance)
+            if pipeline.conflicts > conflicts:
+                self._refuse(Refusal.CONFLICTING_COPY, job_id, inbound)
+            self.stats.verdicts[verdict.value] = self.stats.verdicts.get(verdict.value, 0) + 1
+            return STORE_STATUS[verdict]
+
+        return store
+
+    def _refuse(self, reason: Refusal, job_id: str, inbound: _Inbound) -> None:
+        count_refusal(reason, job_id=job_id, address=inbound.address,
+                      calling_ae=inbound.calling_ae)
         self.book.refuse(job_id, reason.value)
 
-    def _pipeline_for(self, assoc: Association, request: object,
+    def _pipeline_for(self, inbound: _Inbound,
                       path: Path) -> tuple[InstancePipeline, str] | Refusal | None:
-        originator = str(getattr(request, "MoveOriginatorApplicationEntityTitle", "") or "").strip()
-        message_id = getattr(request, "MoveOriginatorMessageID", None)
+        command = inbound.command
+        originator = str(command.get(m.MOVE_ORIGINATOR_AE) or "").strip()
+        message_id = command.get(m.MOVE_ORIGINATOR_ID)
         try:
             identity = read_identity(path)
         except UnreadableInstance:
             identity = None
-        with self._lock:
-            jobs = self._associations.setdefault(id(assoc), _AssociationJobs())
         expectation = None
         if identity is not None:
             expectation = self._expectations.match(originator or None, message_id, identity)
-            if expectation is not None and expectation.job_id not in jobs.pipelines:
+            if expectation is not None and expectation.job_id not in inbound.pipelines:
                 # The first of this job on this association: match on a fresh view, as the
                 # cached one may hold a job that ended since and claimed the same study.
                 expectation = self._expectations.match(originator or None, message_id,
                                                        identity, fresh=True)
         if expectation is None:
             log.warning("refused an instance that belongs to no running job", extra={
-                "calling_ae": assoc.requestor.ae_title, "by_originator": bool(originator)})
+                "calling_ae": inbound.calling_ae, "by_originator": bool(originator)})
             return None
         job_id = expectation.job_id
-        refusal = self.policy.sender_refusal(expectation.request.source, assoc.requestor.address,
-                                             assoc.requestor.ae_title)
+        refusal = self.policy.sender_refusal(expectation.request.source, inbound.address,
+                                             inbound.calling_ae)
         if refusal is not None:
-            self._refuse(refusal, job_id, assoc)
+            self._refuse(refusal, job_id, inbound)
             return refusal
         missing = [n for n in expectation.request.store_names if n not in self.store_settings]
         if missing:
@@ -378,24 +539,24 @@ class MoveReceiver:
                       "receiver the workers' configuration", extra={
                           "job_id": job_id, "store": missing[0]})
             return None
-        pipeline = jobs.pipelines.get(job_id)
+        pipeline = inbound.pipelines.get(job_id)
         if pipeline is None:
-            jobs.plans[job_id] = self.book.plan_of(job_id)
-            pipeline = self._open_pipeline(expectation, jobs)
-        plan = jobs.plans[job_id]
+            inbound.plans[job_id] = self.book.plan_of(job_id)
+            pipeline = self._open_pipeline(expectation, inbound)
+        plan = inbound.plans[job_id]
         assert identity is not None  # no expectation matches an unreadable instance
         if plan is not None and not plan.allows(identity.sop_instance_uid, identity.series_uid):
-            self._refuse(Refusal.NOT_PLANNED, job_id, assoc)
+            self._refuse(Refusal.NOT_PLANNED, job_id, inbound)
             return Refusal.NOT_PLANNED
         return pipeline, job_id
 
-    def _open_pipeline(self, expectation: MoveExpectation, jobs: _AssociationJobs) -> InstancePipeline:
+    def _open_pipeline(self, expectation: MoveExpectation, inbound: _Inbound) -> InstancePipeline:
         """The job's pipeline on this association, writing to every store the job names."""
         sessions: dict[str, StoreSession] = {}
         for store in expectation.request.store_names:
             backend = self.registry.store_backends[self.config.stores[store].plugin]
             sessions[store] = backend.open(store, self.store_settings[store], expectation.job_id)
-            jobs.sessions.append(sessions[store])
+            inbound.sessions.append(sessions[store])
         with self._lock:
             active = {item.job_id for item in self._expectations.current()}
             for job_id in [j for j in self._digests if j not in active]:
@@ -407,7 +568,26 @@ class MoveReceiver:
             Path(self._spool.name), self.config.worker.progress_interval, digests=digests,
         )
         pipeline.use_transport("c-move")
-        jobs.pipelines[expectation.job_id] = pipeline
+        inbound.pipelines[expectation.job_id] = pipeline
         log.info("receiving for a job", extra={"job_id": expectation.job_id,
                                                "stores": list(sessions)})
         return pipeline
+
+
+def _shut(sock: socket.socket, last: bytes) -> None:
+    """Send *last* (an A-ABORT, or nothing) and shut the connection both ways: a thread
+    blocked reading it wakes up to its end (closing alone would not wake it)."""
+    try:
+        if last:
+            sock.settimeout(1.0)
+            sock.sendall(last)
+    except OSError:
+        pass
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _discard(fragment: memoryview) -> None:
+    return None

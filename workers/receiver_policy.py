@@ -62,6 +62,9 @@ class Refusal(StrEnum):
     """An instance the job's plan (its C-FIND inventory) does not list."""
     CONFLICTING_COPY = "conflicting-copy"
     """A second copy of an instance already received, with different content."""
+    TLS = "tls"
+    """A connection whose TLS handshake failed (no or an untrusted client certificate,
+    a peer not speaking TLS, a silent peer)."""
 
 
 def count_refusal(reason: Refusal, **context: object) -> None:

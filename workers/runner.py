@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,23 +49,6 @@ class Outcome:
     retry: bool = False
     """A retry (resuming from what is stored) may succeed: the task retries while the job's
     retries allow, and ends with this outcome when they are spent."""
-
-
-@contextmanager
-def _spool_into(directory: Path) -> Iterator[None]:
-    """Make pynetdicom spool incoming data sets on the store's filesystem.
-
-    pynetdicom writes each streamed C-STORE data set to a ``NamedTemporaryFile`` in the
-    default temporary directory; pointing that at the store's spool makes committing an
-    instance a rename instead of a copy. Process-wide, which is safe because a worker
-    process runs one job at a time.
-    """
-    previous = tempfile.tempdir
-    tempfile.tempdir = str(directory)
-    try:
-        yield
-    finally:
-        tempfile.tempdir = previous
 
 
 class JobRunner:
@@ -118,7 +100,6 @@ class JobRunner:
                 job_id, request, sessions, state, self.registry.hooks.hook,
                 spool, self.config.worker.progress_interval,
             )
-            stack.enter_context(_spool_into(spool))
             notes: list[TransportNote] = []
             error: RetrieveError | None = None
             try:

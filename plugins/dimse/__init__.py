@@ -6,6 +6,7 @@
 - :mod:`.association`: the blocking-socket driver, one thread per association;
 - :mod:`.services`: C-ECHO, C-FIND, C-GET, C-MOVE and C-STORE as the transports use them.
 
-This package imports nothing heavy at import time: the C-GET path needs neither pydicom
-nor pynetdicom per instance.
+Every association pacsfetch opens or accepts runs here (the move receiver's server
+included); pynetdicom is not used. This package imports nothing heavy at import time: the
+per-instance paths need no pydicom.
 """

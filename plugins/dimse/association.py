@@ -39,7 +39,11 @@ class TlsFailed(DimseError):
 
 
 class AssociationRejected(DimseError):
-    """The peer answered A-ASSOCIATE-RJ."""
+    """The peer answered A-ASSOCIATE-RJ; ``result`` 1 is permanent, 2 transient ("busy")."""
+
+    def __init__(self, message: str, result: int | None = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 class PeerAborted(DimseError):
@@ -48,6 +52,11 @@ class PeerAborted(DimseError):
 
 class PeerClosed(PeerAborted):
     """The connection closed without an A-ABORT (before any answer, or mid-PDU)."""
+
+
+class PeerReleased(PeerAborted):
+    """The peer released the association (answered with A-RELEASE-RP) where we waited for a
+    message: the normal end for an SCP between messages, a broken operation inside one."""
 
 
 class PeerTimeout(DimseError):
@@ -114,7 +123,8 @@ class Association:
                              "association request") from None
         if event is Event.REJECTED:
             assoc.close()
-            raise AssociationRejected(pdu.describe_reject(body))
+            raise AssociationRejected(pdu.describe_reject(body),
+                                      bytes(body[1:2])[0] if len(body) > 1 else None)
         if event is Event.ABORTED:
             assoc.close()
             raise PeerAborted(pdu.describe_abort(body) + " during negotiation")
@@ -142,14 +152,22 @@ class Association:
     @classmethod
     def accept(cls, sock: socket.socket, decide: Callable[[pdu.AssociateRequest],
                                                           pdu.AssociateRequest | bytes],
-               *, max_receive: int, timeout: float) -> Association | None:
+               *, max_receive: int, timeout: float, artim: float | None = None
+               ) -> Association | None:
         """Read an A-ASSOCIATE-RQ from an accepted connection and answer it: *decide*
         returns the A-ASSOCIATE-AC content, or the A-ASSOCIATE-RJ PDU bytes. None when the
-        association was not established (rejected, aborted, or not DICOM)."""
+        association was not established (rejected, aborted, or not DICOM).
+
+        *artim* (default *timeout*) bounds the wait for the request (PS3.8's ARTIM timer):
+        a peer that connects and says nothing is dropped then.
+        """
         _tune(sock)
         assoc = cls(sock, requestor=False, max_receive=max_receive, timeout=timeout)
+        if artim is not None:
+            sock.settimeout(artim)
         try:
             event, body = assoc.read_pdu()
+            sock.settimeout(timeout)
             if event is not Event.ASSOCIATE_RQ:
                 assoc.close()
                 return None
@@ -230,8 +248,8 @@ class Association:
             raise PeerAborted(pdu.describe_abort(body))
         if event is Event.RELEASE_REQUESTED:
             self.answer_release()
-            raise PeerAborted("the peer released the association in the middle of an "
-                              "operation")
+            raise PeerReleased("the peer released the association in the middle of an "
+                               "operation")
         self.abort(provider_reason=2)
         raise PeerViolation(f"unexpected {event.name} while waiting for data")
 

@@ -195,7 +195,7 @@ def decode_associate(kind: int, body: bytes | memoryview) -> AssociateRequest:
             for sub_type, sub in _items(value, 4):
                 if sub_type == 0x30:
                     cx.abstract_syntax = _text(sub)
-                elif sub_type == 0x40:
+                elif sub_type == 0x40 and len(sub):  # empty in an AC that refuses it
                     cx.transfer_syntaxes.append(_text(sub))
             result.contexts.append(cx)
         elif item_type == 0x50:

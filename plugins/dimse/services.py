@@ -37,6 +37,7 @@ from pacsfetch.plugins.dimse.association import (
     PeerViolation,
     TlsFailed,
 )
+from pacsfetch.pushback import association_pushback
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -129,6 +130,8 @@ def associate(source: SourceConfig, contexts: Sequence[Proposal], *,
             "port speaks TLS.",
         ) from None
     except AssociationRejected as exc:
+        if (busy := association_pushback(at, exc.result, purpose)) is not None:
+            raise busy from None
         raise RetrieveError(
             ErrorKind.ASSOCIATION_REJECTED,
             f"{at} rejected the association for {purpose} ({exc}). "
@@ -424,6 +427,40 @@ def _get_responses(assoc: Association, model: Context, msg_id: int, spool: Spool
                           cancel_sent)
 
 
+# ---- C-MOVE ------------------------------------------------------------------------------
+
+def c_move(assoc: Association, model: Context, identifier: Dataset, msg_id: int,
+           destination: str, *, pending: Callable[[dict[int, Any]], None],
+           cancelled: Callable[[], bool]) -> GetOutcome:
+    """One C-MOVE to *destination*: pending responses go to *pending* (sub-operation counts
+    for progress), a C-CANCEL is sent (once) when *cancelled* turns true; the final response
+    is returned.
+
+    The instances travel on another association, opened by the PACS, so nothing arrives
+    here but responses. A PACS that stays silent for the association's timeout raises
+    :class:`PeerTimeout` (the association is aborted): the caller decides what silence
+    means (see the C-MOVE transport).
+    """
+    assoc.send_message(model.id, m.c_move_rq(msg_id, model.abstract_syntax, destination),
+                       m.encode_identifier(identifier, model.transfer_syntax))
+    cancel_sent = False
+    while True:
+        _, command, data = assoc.receive_message()
+        field_ = command[m.COMMAND_FIELD]
+        if field_ != m.C_MOVE_RSP or command.get(m.RESPONDED_TO) != msg_id:
+            assoc.abort(provider_reason=2)
+            raise PeerViolation(f"unexpected command 0x{field_:04X} during a C-MOVE")
+        status = command.get(m.STATUS, 0xC000)
+        if status in PENDING:
+            pending(command)
+            if not cancel_sent and cancelled():
+                assoc.send_message(model.id, m.c_cancel_rq(msg_id))
+                cancel_sent = True
+            continue
+        return GetOutcome(status, command, _failed_uids(command, data, model.transfer_syntax),
+                          cancel_sent)
+
+
 def sub_operation_counts(command: dict[int, Any]) -> tuple[int | None, int, int, int]:
     """(remaining, completed, failed, warning) of a C-GET or C-MOVE response.
 
@@ -509,3 +546,29 @@ def c_store(assoc: Association, cx: Context, sop_instance: str, path: Path, msg_
         assoc.abort(provider_reason=2)
         raise PeerViolation(f"unexpected command 0x{command[m.COMMAND_FIELD]:04X} in answer "
                             "to a C-STORE")
+
+
+_STORE_STATUS_TEXT = {
+    0x0110: "Processing Failure", 0x0111: "Duplicate SOP Instance",
+    0x0117: "Invalid Object Instance", 0x0122: "Refused: SOP Class Not Supported",
+    0x0124: "Refused: Not Authorised", 0x0211: "Unrecognised Operation",
+    0x0212: "Mistyped Argument", 0x0213: "Resource Limitation",
+    0xB000: "Coercion of Data Elements", 0xB006: "Elements Discarded",
+    0xB007: "Data Set Does Not Match SOP Class",
+}
+
+
+def store_status_text(code: int) -> tuple[str, str]:
+    """(category, meaning) of a C-STORE status (PS3.4 Annex B, PS3.7 Annex C), to explain
+    a refusal: ``(Failure, Refused: Out of Resources)`` for 0xA7xx."""
+    if code == 0x0000:
+        return "Success", ""
+    if code in _STORE_STATUS_TEXT:
+        return ("Warning" if code >> 12 == 0xB else "Failure"), _STORE_STATUS_TEXT[code]
+    if code >> 8 == 0xA7:
+        return "Failure", "Refused: Out of Resources"
+    if code >> 8 == 0xA9:
+        return "Failure", "Error: Data Set Does Not Match SOP Class"
+    if code >> 12 == 0xC:
+        return "Failure", "Error: Cannot Understand"
+    return "Failure", "unknown"

@@ -89,7 +89,8 @@ class UpperLayer:
                                     f"length of {self.max_receive}", reason=6)
         elif length > pdu.ASSOCIATE_LIMIT:
             raise ProtocolError(f"PDU type 0x{pdu_type:02X} claims {length} bytes", reason=6)
-        if self.state == State.AWAIT_CLOSE:
+        if self.state == State.AWAIT_CLOSE and pdu_type != pdu.ABORT:
+            # Sta13 awaits the close; only an A-ABORT may still come (PS3.8 AA-6/AA-7).
             raise ProtocolError("PDU after the association ended (garbage on the connection)")
         return pdu_type, length
 
@@ -100,9 +101,8 @@ class UpperLayer:
             return Event.ABORTED
         event = _ALLOWED.get(self.state, {}).get(pdu_type)
         if event is None:
-            self.state = State.AWAIT_CLOSE
-            raise ProtocolError(
-                f"unexpected PDU type 0x{pdu_type:02X} in state Sta{int(self.state)}")
+            state, self.state = self.state, State.AWAIT_CLOSE
+            raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X} in state Sta{int(state)}")
         if event is Event.DATA:
             return event
         if event is Event.ASSOCIATE_RQ:

@@ -30,7 +30,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 from pacsfetch import hookimpl
-from pacsfetch.config import AETitle, SourceConfig
+from pacsfetch.config import AETitle, SourceConfig, TlsConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
 from pacsfetch.plugins.dimse import messages
@@ -40,6 +40,7 @@ from pacsfetch.plugins.dimse.services import (
     MAX_PRESENTATION_CONTEXTS,
     associate,
     c_store,
+    store_status_text,
     uid_name,
 )
 from pacsfetch.plugins.stores.dicom_inventory import find_study_instances
@@ -67,6 +68,8 @@ class DicomForwardSettings(BaseModel):
     calling_ae_title: AETitle = Field("PACSFETCH", description="Our AE title towards it.")
     timeout: float = Field(30.0, gt=0, description="Seconds for connect, ACSE and DIMSE replies.")
     max_pdu: int = Field(0, ge=0, description="Largest PDU we accept; 0 means no limit.")
+    tls: TlsConfig | None = Field(None, description="DICOM TLS towards the archive, as a "
+                                  "source's [sources.X.tls].")
 
 
 def _peer(settings: DicomForwardSettings) -> SourceConfig:
@@ -74,7 +77,7 @@ def _peer(settings: DicomForwardSettings) -> SourceConfig:
     return SourceConfig(
         ae_title=settings.ae_title, host=settings.host, port=settings.port,
         calling_ae_title=settings.calling_ae_title, timeout=settings.timeout,
-        max_pdu=settings.max_pdu,
+        max_pdu=settings.max_pdu, tls=settings.tls,
     )
 
 
@@ -144,9 +147,7 @@ class DicomForwardSession:
                 f"aborted the association, {SEND_ATTEMPTS} times; the instance was not stored",
             )
         if code not in SUCCESS_OR_WARNING:
-            from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS  # only to explain
-
-            category, meaning = STORAGE_SERVICE_CLASS_STATUS.get(code, ("Failure", "unknown"))
+            category, meaning = store_status_text(code)
             comment = status.get(messages.ERROR_COMMENT)
             raise RetrieveError(
                 ErrorKind.STORE,

@@ -16,8 +16,10 @@ not arrive is explained: refused contexts, transfer syntaxes, or the PACS's own 
 
 from __future__ import annotations
 
+import itertools
 import logging
-from collections import defaultdict
+import threading
+from collections import defaultdict, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,7 @@ from pydicom.uid import (
 
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.gate import GateCancelled, Slot, Waiting
 from pacsfetch.models import Level
 from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport, Verdict
 from pacsfetch.plugins.dimse.association import Association, DimseError
@@ -65,6 +68,7 @@ from pacsfetch.plugins.transports.query import (
     retrieve_identifier,
 )
 from pacsfetch.plugins.transports.sopclasses import candidate_classes
+from pacsfetch.pushback import retrieve_pushback
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +103,8 @@ class AssociationPlan:
     contexts: list[Context]
     identifiers: list[Dataset]
     instances: list[InstanceRef]
+    sizes: list[int]
+    """Instances each identifier asks for (as listed by the C-FIND), for progress."""
 
 
 def _contexts_for(ref: InstanceRef, fallback: Iterable[str]) -> set[Context]:
@@ -107,7 +113,7 @@ def _contexts_for(ref: InstanceRef, fallback: Iterable[str]) -> set[Context]:
 
 def plan_associations(
     ctx: RetrieveContext, inventory: list[InstanceRef], syntaxes: Iterable[str],
-    capped_series: frozenset[str] = frozenset(),
+    capped_series: frozenset[str] = frozenset(), stripes: int = 1,
 ) -> list[AssociationPlan]:
     """Pack what is still missing into associations of at most 127 storage contexts.
 
@@ -115,6 +121,10 @@ def plan_associations(
     presence only stops the plan from asking for whole series or the whole request. A
     series in *capped_series* is asked for whole, however much of it is stored: the PACS
     listed only part of it, so "missing" cannot be known instance by instance.
+
+    With *stripes* > 1 (``associations_per_job``) the identifiers are the units the job's
+    associations share out: whole series, or, when there are fewer series than stripes,
+    lists of about ``missing / stripes`` instances, so a single large series spreads too.
     """
     syntaxes = tuple(syntaxes)
     request = ctx.request
@@ -154,24 +164,30 @@ def plan_associations(
             plans.append((set(needed), [(series_uid, refs, whole)]))
 
     resumed = len(missing) != len(inventory)
+    by_instances = stripes > 1 and sum(len(members) for _, members in plans) < stripes
+    per_list = (min(UIDS_PER_QUERY, max(1, -(-len(missing) // stripes))) if by_instances
+                else UIDS_PER_QUERY)
     result = []
     for contexts, members in plans:
         instances = [r for _, refs, _ in members for r in refs]
-        if len(plans) == 1 and not resumed and request.level is not Level.IMAGE:
+        if len(plans) == 1 and stripes == 1 and not resumed and request.level is not Level.IMAGE:
             # One association covers everything: ask exactly as the job asked.
             identifiers = [retrieve_identifier(request.level, request.study_uid, request.series_uid)]
+            sizes = [len(instances)]
         else:
-            identifiers = []
+            identifiers, sizes = [], []
             for series_uid, refs, whole in members:
-                if whole and request.level is not Level.IMAGE:
+                if whole and request.level is not Level.IMAGE and (
+                        not by_instances or series_uid in capped_series):
                     identifiers.append(retrieve_identifier(Level.SERIES, request.study_uid, series_uid))
+                    sizes.append(len(refs))
                 else:
                     uids = [r.sop_instance_uid for r in refs]
-                    identifiers += [
-                        retrieve_identifier(Level.IMAGE, request.study_uid, series_uid, part)
-                        for part in chunks(uids, UIDS_PER_QUERY)
-                    ]
-        result.append(AssociationPlan(sorted(contexts), identifiers, instances))
+                    for part in chunks(uids, per_list):
+                        identifiers.append(
+                            retrieve_identifier(Level.IMAGE, request.study_uid, series_uid, part))
+                        sizes.append(len(part))
+        result.append(AssociationPlan(sorted(contexts), identifiers, instances, sizes))
     return result
 
 
@@ -252,53 +268,278 @@ def _require_get_model(assoc: Association, where: str, source_ae: str) -> None:
         )
 
 
-def _run_gets(
-    ctx: RetrieveContext, assoc: Association, plan: AssociationPlan, counters: _Counters,
-    later: int, where: str, handler: StoreHandler, *, tentative: bool = False,
-) -> None:
-    """Send the plan's C-GETs, feeding progress and honouring cancellation.
+@dataclass
+class _Unit:
+    """One C-GET identifier and the association plan whose contexts it needs."""
 
-    A *tentative* plan guesses SOP classes: sub-operations it fails are expected (no
-    context for the instance's class) and are neither reported nor counted.
+    plan: AssociationPlan
+    identifier: Dataset
+    size: int
+    """Instances it asks for, as the C-FIND listed them (progress only)."""
+
+
+def _units(plans: list[AssociationPlan]) -> list[_Unit]:
+    return [_Unit(plan, identifier, size) for plan in plans
+            for identifier, size in zip(plan.identifiers, plan.sizes, strict=True)]
+
+
+class _Stripes:
+    """One job's C-GETs shared out over up to ``associations_per_job`` associations.
+
+    Each stripe is a thread (the first is the caller's) with its own association and its
+    own slot from the gate, so the fleet-wide cap counts every association; it takes the
+    next unit (a series, or a list of instances) until none is left. All stripes feed the
+    same sink, which is not thread-safe: calls into the sink and the progress reporter go
+    through one lock, held for one instance's store (or the progress it flushes), never while
+    reading from the PACS.
+
+    A failure in the middle of a C-GET stops the other stripes after their current unit
+    and is the job's error. A stripe that cannot open its association while another works
+    just ends, its unit left to the others (a PACS may allow this AE fewer associations
+    than configured); only when no stripe could finish the work is that failure the job's.
+    A *tentative* run guesses SOP classes (see :func:`_guess_classes`): sub-operations it
+    fails are expected and are neither reported nor counted.
     """
-    model = assoc.context(GET_MODEL)
-    assert model is not None  # checked by _require_get_model
-    cancelled = ctx.progress.cancelled
-    for msg_id, identifier in enumerate(plan.identifiers, start=1):
-        base = (counters.completed, counters.failed, counters.warning)
 
-        def pending(command: dict[int, Any], base: tuple[int, int, int] = base) -> None:
-            remaining, completed, failed, warning = sub_operation_counts(command)
-            ctx.progress.peer_counts(
-                remaining=None if remaining is None else remaining + later,
-                completed=base[0] + completed, failed=base[1] + (0 if tentative else failed),
-                warning=base[2] + warning,
-            )
+    def __init__(self, ctx: RetrieveContext, counters: _Counters, handler: StoreHandler,
+                 where: str, units: list[_Unit], *, width: int = 1, later: int = 0,
+                 tentative: bool = False) -> None:
+        assert ctx.gate is not None  # RetrieveContext builds one when none is given
+        self.ctx = ctx
+        self.gate = ctx.gate
+        self.counters = counters
+        self.where = where
+        self.tentative = tentative
+        self.lock = threading.Lock()
+        self.units = deque(units)
+        self.queued = sum(u.size for u in units) + later
+        self.live: dict[int, tuple[int | None, int, int, int]] = {}
+        """Sub-operation counts of each stripe's C-GET in progress."""
+        self.width = max(1, min(width, len(units)))
+        self.working = 0
+        """Stripes holding an association: the job waits for a slot only while none does."""
+        self.failures: list[BaseException] = []
+        self.open_failures: list[RetrieveError] = []
+        self.negotiated: set[int] = set()
+        self._waiting_shown = False
+        self._cancelled = ctx.progress.cancelled
+        self._peer_counts = ctx.progress.peer_counts
+        self.handler = self._locked_handler(handler)
+
+    def _locked_handler(self, handler: StoreHandler) -> StoreHandler:
+        lock = self.lock
+
+        def locked(path: Path, sop_class_uid: str, sop_instance_uid: str) -> int:
+            with lock:
+                return handler(path, sop_class_uid, sop_instance_uid)
+
+        return locked
+
+    def cancelled(self) -> bool:
+        with self.lock:
+            if not self.counters.cancelled and self._cancelled():
+                self.counters.cancelled = True
+            return self.counters.cancelled
+
+    # -- running -------------------------------------------------------------------------
+    def run(self) -> None:
+        """Run every unit; raises the job's error (see the class)."""
+        threads = [threading.Thread(target=self._stripe, args=(n,), daemon=True,
+                                    name=f"c-get-stripe-{n}") for n in range(1, self.width)]
+        for thread in threads:
+            thread.start()
+        try:
+            self._stripe(0)
+        finally:
+            for thread in threads:
+                thread.join()
+        if self.failures:
+            raise self.failures[0]
+        if self.units and self.open_failures and not self.counters.cancelled:
+            raise self.open_failures[0]
+
+    def _stop(self) -> bool:
+        """Whether stripes should take no further unit."""
+        return bool(self.failures) or self.cancelled() or not self.units
+
+    def _stripe(self, n: int) -> None:
+        slot: Slot | None = None
+        assoc: Association | None = None
+        plan: AssociationPlan | None = None
+        msg_ids = itertools.count(1)
+        store = self.handler
+        try:
+            while True:
+                if slot is None:
+                    slot = self._acquire()
+                    if slot is None:
+                        return
+                with self.lock:
+                    unit = self.units.popleft() if self.units and not self.failures else None
+                if unit is None or self.cancelled():
+                    return
+                if assoc is not None and unit.plan is not plan:
+                    assoc.release()
+                    assoc = None
+                if assoc is None:
+                    assoc = self._open(unit)
+                    if assoc is None:
+                        return
+                    plan, msg_ids = unit.plan, itertools.count(1)
+                    store = self._rated(assoc)
+                self._get(n, assoc, unit, next(msg_ids), store)
+                if slot.should_yield() is not None:  # bulk work: a window closed, or a job waits
+                    assoc.release()
+                    assoc = None
+                    slot.release()
+                    slot = None
+                    self._holding(-1)
+        except BaseException as exc:
+            with self.lock:
+                self.failures.append(exc)
+            if assoc is not None and assoc.is_established:
+                assoc.abort()
+        finally:
+            if assoc is not None and assoc.is_established:
+                assoc.release()
+            if slot is not None:
+                slot.release()
+                self._holding(-1)
+
+    def _acquire(self) -> Slot | None:
+        """A slot for one more association, or None when the work is done or cancelled
+        before one came free."""
+        try:
+            slot = self.gate.gate.acquire(self.gate.source_name, bulk=self.gate.bulk,
+                                          on_wait=self._on_wait, cancelled=self._stop)
+        except GateCancelled:
+            return None
+        self._holding(+1)
+        return slot
+
+    def _on_wait(self, reason: Waiting | None) -> None:
+        on_wait = self.gate.on_wait
+        with self.lock:
+            if reason is not None and not self.working and not self._waiting_shown:
+                self._waiting_shown = True
+                if on_wait is not None:
+                    on_wait(reason)
+
+    def _holding(self, change: int) -> None:
+        on_wait = self.gate.on_wait
+        with self.lock:
+            self.working += change
+            if change > 0 and self._waiting_shown:
+                self._waiting_shown = False
+                if on_wait is not None:
+                    on_wait(None)
+
+    def _open(self, unit: _Unit) -> Association | None:
+        """The association for *unit*'s plan; None when this stripe should end instead."""
+        source = self.ctx.source
+        try:
+            assoc = _open(self.ctx, unit.plan.contexts)
+        except RetrieveError as exc:
+            if exc.kind in (ErrorKind.NEGOTIATION, ErrorKind.CONFIG, ErrorKind.TLS):
+                raise  # every association would meet it
+            with self.lock:
+                self.units.appendleft(unit)
+                self.open_failures.append(exc)
+                others = self.working - 1
+            if others:
+                log.info("an extra C-GET association failed; the job goes on with the "
+                         "others", extra={"job_id": self.ctx.job_id, "error_kind": exc.kind.value,
+                                          "associations": others})
+            return None
+        with self.lock:
+            first = id(unit.plan) not in self.negotiated
+            self.negotiated.add(id(unit.plan))
+        if self.tentative or not first:
+            _require_get_model(assoc, self.where, source.calling_ae_title)
+        else:
+            with self.lock:
+                _check_negotiation(assoc, unit.plan, self.counters, self.where,
+                                   source.calling_ae_title)
+        return assoc
+
+    def _rated(self, assoc: Association) -> StoreHandler:
+        """The store handler for *assoc*, held to the source's ``max_mb_per_second``: after
+        each instance it draws what the association received from the fleet's budget,
+        sleeping (before the C-STORE-RSP, so the PACS waits) while the source is over it."""
+        limiter = self.gate.rate()
+        if limiter is None:
+            return self.handler
+        handler, consume = self.handler, limiter.consume
+        counted = 0
+
+        def rated(path: Path, sop_class_uid: str, sop_instance_uid: str) -> int:
+            nonlocal counted
+            status = handler(path, sop_class_uid, sop_instance_uid)
+            consume(assoc.received_bytes - counted)
+            counted = assoc.received_bytes
+            return status
+
+        return rated
+
+    def _get(self, n: int, assoc: Association, unit: _Unit, msg_id: int,
+             store: StoreHandler) -> None:
+        """One C-GET on stripe *n*'s association, its progress merged with the others'."""
+        model = assoc.context(GET_MODEL)
+        assert model is not None  # checked by _require_get_model
+        counters, live, lock = self.counters, self.live, self.lock
+        with lock:
+            self.queued -= unit.size
+            live[n] = (unit.size, 0, 0, 0)
+
+        def pending(command: dict[int, Any]) -> None:
+            counts = sub_operation_counts(command)
+            with lock:
+                live[n] = counts
+                self._report()
 
         try:
-            outcome = c_get(assoc, model, identifier, msg_id, spool_dir=ctx.sink.spool_dir,
-                            store=handler, pending=pending, cancelled=cancelled)
+            outcome = c_get(assoc, model, unit.identifier, msg_id,
+                            spool_dir=self.ctx.sink.spool_dir, store=store,
+                            pending=pending, cancelled=self.cancelled)
         except DimseError as exc:
-            raise dimse_failure(exc, where, f"C-GET (after {counters.completed} instance(s) "
-                                "this attempt; a retry resumes the job)") from None
+            raise dimse_failure(exc, self.where, f"C-GET (after {len(counters.received)} "
+                                "instance(s) this attempt; a retry resumes the job)") from None
         final_code = outcome.status
-        pending(outcome.command)
         _, completed, failed, warning = sub_operation_counts(outcome.command)
-        if tentative:
-            failed = 0
-        counters.completed, counters.failed, counters.warning = (
-            base[0] + completed, base[1] + failed, base[2] + warning
-        )
-        counters.failed_uids += outcome.failed_uids
-        if final_code == 0xFE00 or outcome.cancel_sent:
-            counters.cancelled = True
-            return
-        if final_code not in (0x0000, 0xB000) and not tentative:
-            counters.problem(
-                ErrorKind.PEER_STATUS,
-                f"{where} ended a C-GET with status 0x{final_code:04X}"
-                f"{status_hint(final_code)}.",
-            )
+        with lock:
+            del live[n]
+            counters.completed += completed
+            counters.failed += 0 if self.tentative else failed
+            counters.warning += warning
+            counters.failed_uids += outcome.failed_uids
+            if final_code == 0xFE00 or outcome.cancel_sent:
+                counters.cancelled = True
+            elif final_code not in (0x0000, 0xB000) and not self.tentative:
+                counters.problem(
+                    ErrorKind.PEER_STATUS,
+                    f"{self.where} ended a C-GET with status 0x{final_code:04X}"
+                    f"{status_hint(final_code)}.",
+                )
+            self._report()
+        # Sub-operations that failed were attempted (often refused by our own store): only a
+        # PACS that attempted none was out of resources before it began.
+        attempted = completed + warning + failed
+        busy = retrieve_pushback(self.where, "C-GET", final_code, attempted, 0)
+        if busy is not None and not self.tentative and not outcome.cancel_sent:
+            raise busy  # out of resources before sending any: retry later, more slowly
+
+    def _report(self) -> None:
+        """Progress over every stripe (the lock held)."""
+        counters = self.counters
+        remaining: int | None = self.queued
+        completed, failed, warning = counters.completed, counters.failed, counters.warning
+        for left, done, bad, warned in self.live.values():
+            remaining = None if remaining is None or left is None else remaining + left
+            completed += done
+            failed += 0 if self.tentative else bad
+            warning += warned
+        self._peer_counts(remaining=remaining, completed=completed, failed=failed,
+                          warning=warning)
 
 
 def _guess_classes(
@@ -353,19 +594,14 @@ def _tentative_round(
     by_series: dict[str, list[str]] = defaultdict(list)
     for ref in missing:
         by_series[ref.series_uid].append(ref.sop_instance_uid)
-    identifiers = [
-        retrieve_identifier(Level.IMAGE, ctx.request.study_uid, series_uid, part)
-        for series_uid, uids in by_series.items()
-        for part in chunks(uids, UIDS_PER_QUERY)
-    ]
-    plan = AssociationPlan(contexts, identifiers, missing)
-    assoc = _open(ctx, contexts)
-    try:
-        _require_get_model(assoc, where, ctx.source.calling_ae_title)
-        _run_gets(ctx, assoc, plan, counters, 0, where, handler, tentative=True)
-    finally:
-        if assoc.is_established:
-            assoc.release()
+    identifiers, sizes = [], []
+    for series_uid, uids in by_series.items():
+        for part in chunks(uids, UIDS_PER_QUERY):
+            identifiers.append(retrieve_identifier(Level.IMAGE, ctx.request.study_uid,
+                                                   series_uid, part))
+            sizes.append(len(part))
+    plan = AssociationPlan(contexts, identifiers, missing, sizes)
+    _Stripes(ctx, counters, handler, where, _units([plan]), tentative=True).run()
 
 
 class CGetTransport:
@@ -376,27 +612,24 @@ class CGetTransport:
     def retrieve(self, ctx: RetrieveContext) -> RetrieveResult:
         source = ctx.source
         where = f"{source.ae_title}@{source.host}:{source.port}"
-        found = find_instances(source, ctx.request)
+        assert ctx.gate is not None  # RetrieveContext builds one when none is given
+        try:
+            with ctx.gate.acquire():
+                found = find_instances(source, ctx.request)
+        except GateCancelled:
+            return RetrieveResult(expected=None, cancelled=True)
         inventory = found.refs
         expected = frozenset(r.sop_instance_uid for r in inventory)
         syntaxes = source.transfer_syntaxes or DEFAULT_TRANSFER_SYNTAXES
-        plans = plan_associations(ctx, inventory, syntaxes, found.capped_series)
+        width = min(source.associations_per_job, ctx.gate.gate.limit(ctx.source_name,
+                                                                      ctx.gate.bulk))
+        plans = plan_associations(ctx, inventory, syntaxes, found.capped_series, width)
         counters = _Counters()
         handler = _on_c_store(ctx, counters)
         unknown = [r for r in inventory
                    if not r.sop_class_uid and r.sop_instance_uid not in ctx.already_stored]
-        pending = sum(len(p.instances) for p in plans) + len(unknown)
-        for plan in plans:
-            pending -= len(plan.instances)
-            assoc = _open(ctx, plan.contexts)
-            try:
-                _check_negotiation(assoc, plan, counters, where, source.calling_ae_title)
-                _run_gets(ctx, assoc, plan, counters, pending, where, handler)
-            finally:
-                if assoc.is_established:
-                    assoc.release()
-            if counters.cancelled:
-                break
+        _Stripes(ctx, counters, handler, where, _units(plans), width=width,
+                 later=len(unknown)).run()
         if unknown and not counters.cancelled:
             _guess_classes(ctx, unknown, syntaxes, counters, handler, where)
         if counters.failed and not counters.problems:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom.association import Association
-from pynetdicom.presentation import build_context
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove
 
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.gate import GateCancelled
 from pacsfetch.models import Level
 from pacsfetch.plugins.contracts import (
     MoveTracker,
@@ -30,11 +29,14 @@ from pacsfetch.plugins.contracts import (
     RetrieveResult,
     Transport,
 )
-from pacsfetch.plugins.dimse.legacy import (
-    PENDING,
+from pacsfetch.plugins.dimse import messages as m
+from pacsfetch.plugins.dimse.association import Association, Context, DimseError, PeerTimeout
+from pacsfetch.plugins.dimse.services import (
+    QUERY_SYNTAXES,
     SubOperations,
     associate,
-    quiet_reactor,
+    c_move,
+    dimse_failure,
     status_hint,
     sub_operation_counts,
 )
@@ -48,7 +50,8 @@ from pacsfetch.plugins.transports.query import (
 
 log = logging.getLogger(__name__)
 
-MOVE_MODEL = StudyRootQueryRetrieveInformationModelMove
+MOVE_MODEL = "1.2.840.10008.5.1.4.1.2.2.2"
+"""Study Root Query/Retrieve Information Model - MOVE."""
 UNKNOWN_DESTINATION = 0xA801
 SETTLE_POLL = 0.05
 """Seconds between looks at the receiver's records while waiting for the last instances."""
@@ -131,26 +134,26 @@ class CMoveTransport:
         if ctx.moves is None:
             raise RetrieveError(ErrorKind.CONFIG, "C-MOVE needs the broker (Redis) that "
                                 "connects workers with `pacsfetch receiver`")
-        found = find_instances(source, ctx.request)
-        inventory = found.refs
-        expected = frozenset(r.sop_instance_uid for r in inventory)
+        assert ctx.gate is not None  # RetrieveContext builds one when none is given
         counters = SubOperations()
-        interrupted = False
         moves = ctx.moves
-        # The receiver accepts only what this plan allows (see workers/receiver_policy).
-        moves.plan(expected, found.capped_series if ctx.request.level is not Level.IMAGE
-                   else frozenset())
         try:
-            assoc = associate(source, [build_context(MOVE_MODEL)], purpose="C-MOVE")
-            try:
-                for identifier in move_identifiers(ctx, found):
-                    interrupted |= self._move(ctx, assoc, identifier, moves, counters, where,
-                                              destination)
-                    if counters.cancelled:
-                        break
-            finally:
-                if assoc.is_established:
-                    assoc.release()
+            # One slot of the source's max_associations, for the planning C-FIND and then
+            # the C-MOVE association (one after the other); not held while settling.
+            with ctx.gate.acquire():
+                found = find_instances(source, ctx.request)
+                expected = frozenset(r.sop_instance_uid for r in found.refs)
+                # The receiver accepts only what this plan allows (workers/receiver_policy).
+                moves.plan(expected, found.capped_series
+                           if ctx.request.level is not Level.IMAGE else frozenset())
+                try:
+                    interrupted = self._moves(ctx, found, moves, counters, where, destination)
+                except BaseException:
+                    moves.withdraw()
+                    raise
+        except GateCancelled:
+            return RetrieveResult(expected=None, cancelled=True)
+        try:
             received = self._settle(moves, counters, source.timeout)
         finally:
             moves.withdraw()
@@ -165,38 +168,59 @@ class CMoveTransport:
             retry=interrupted,
         )
 
-    def _move(self, ctx: RetrieveContext, assoc: Association, identifier: Dataset,
-              moves: MoveTracker, counters: SubOperations, where: str, destination: str) -> bool:
+    def _moves(self, ctx: RetrieveContext, found: Inventory, moves: MoveTracker,
+               counters: SubOperations, where: str, destination: str) -> bool:
+        """The job's C-MOVEs on one association; True when one failed part-way."""
+        interrupted = False
+        assoc = associate(ctx.source, [(MOVE_MODEL, QUERY_SYNTAXES)], purpose="C-MOVE",
+                          source_name=ctx.source_name)
+        try:
+            model = assoc.context(MOVE_MODEL)
+            assert model is not None  # associate() fails when nothing was accepted
+            for identifier in move_identifiers(ctx, found):
+                interrupted |= self._move(ctx, assoc, model, identifier, moves, counters,
+                                          where, destination)
+                if counters.cancelled:
+                    break
+        finally:
+            assoc.release()
+        return interrupted
+
+    def _move(self, ctx: RetrieveContext, assoc: Association, model: Context,
+              identifier: Dataset, moves: MoveTracker, counters: SubOperations, where: str,
+              destination: str) -> bool:
         """One C-MOVE: register it with the receiver, follow its responses; True when the
         PACS failed it after part of it arrived (a retry resumes)."""
         msg_id = moves.next_message_id()
         moves.expect(ctx.source.calling_ae_title, msg_id)
         base = (counters.completed, counters.failed, counters.warning)
-        cancel_sent = False
-        final_code: int | None = None
-        status: Dataset | None = None
         seen = base[0]
         received_before = moves.collect_now()
-        quiet_reactor(assoc)
-        for status, _ in assoc.send_c_move(identifier, destination, MOVE_MODEL, msg_id=msg_id):
-            code = getattr(status, "Status", None)
-            if code is None:
-                raise _silent_pacs(ctx.source.timeout, seen, moves.collect_now(), where,
-                                   destination)
-            remaining, completed, failed, warning = sub_operation_counts(status)
+
+        def pending(command: dict[int, Any]) -> None:
+            nonlocal seen
+            remaining, completed, failed, warning = sub_operation_counts(command)
             seen = base[0] + completed
             ctx.progress.peer_counts(remaining=remaining, completed=seen,
                                      failed=base[1] + failed, warning=base[2] + warning)
             moves.collect()
-            if code in PENDING:
-                if not cancel_sent and ctx.progress.cancelled():
-                    assoc.send_c_cancel(msg_id, query_model=MOVE_MODEL)
-                    cancel_sent = True
-                continue
-            final_code = code
-            counters.completed = base[0] + completed
-            counters.failed = base[1] + failed
-            counters.warning = base[2] + warning
+
+        try:
+            outcome = c_move(assoc, model, identifier, msg_id, destination, pending=pending,
+                             cancelled=ctx.progress.cancelled)
+        except PeerTimeout:
+            raise _silent_pacs(ctx.source.timeout, seen, moves.collect_now(), where,
+                               destination) from None
+        except DimseError as exc:
+            raise dimse_failure(exc, where, "the C-MOVE") from None
+        status = outcome.command
+        final_code = outcome.status
+        cancel_sent = outcome.cancel_sent
+        pending(status)
+        _, completed, failed, warning = sub_operation_counts(status)
+        counters.completed = base[0] + completed
+        counters.failed = base[1] + failed
+        counters.warning = base[2] + warning
         delivered = counters.completed + counters.warning - base[0] - base[2]
         if final_code == UNKNOWN_DESTINATION:
             raise RetrieveError(
@@ -211,7 +235,7 @@ class CMoveTransport:
                 arrived := moves.collect_now() - received_before) and not _job_has_any(ctx, moves):
             # Many PACS (Orthanc among them) answer an unknown destination and a refused
             # connection back with the same generic failure: name both causes.
-            comment = status.get("ErrorComment") if status is not None else None
+            comment = status.get(m.ERROR_COMMENT)
             raise RetrieveError(
                 ErrorKind.MOVE_DESTINATION,
                 f"{where} moved nothing to {destination!r} (status 0x{final_code:04X}"
@@ -224,7 +248,7 @@ class CMoveTransport:
         elif final_code not in (0x0000, 0xB000):
             # The PACS's failure answer may lack sub-operation counts (Orthanc's does): then
             # the receiver's records of this job say that part of the study arrived.
-            comment = status.get("ErrorComment") if status is not None else None
+            comment = status.get(m.ERROR_COMMENT)
             arrived = delivered or moves.collect_now() - received_before
             counters.problem(
                 ErrorKind.PEER_STATUS,

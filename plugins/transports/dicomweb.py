@@ -3,7 +3,8 @@
 The "via gateway" strategy. Like C-GET it needs no connection back to us, and being HTTP it
 also crosses proxies and NAT like any web traffic. A retrieve is planned with QIDO-RS (the
 instances of the job's scope, with their series and SOP classes), then fetched series by
-series with a streamed multipart WADO-RS response: dicomweb-client decodes one part (one
+series (up to ``associations_per_job`` requests at once) with a streamed multipart WADO-RS
+response: dicomweb-client decodes one part (one
 instance) at a time, which is spooled as a Part-10 file and handed to the sink before the
 next part is read, so memory holds at most one instance, never a study. A resumed job asks
 whole series only where none of its instances are stored yet, and single instances elsewhere.
@@ -14,7 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-from collections import defaultdict
+import threading
+from collections import defaultdict, deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from pydicom.dataset import Dataset
 from pacsfetch import hookimpl
 from pacsfetch.config import SourceConfig
 from pacsfetch.errors import ErrorKind, RetrieveError
+from pacsfetch.gate import GateCancelled
 from pacsfetch.models import Level
 from pacsfetch.plugins.contracts import RetrieveContext, RetrieveResult, Transport
 from pacsfetch.uids import is_valid_uid
@@ -157,33 +160,89 @@ def list_instances(client: DICOMwebClient, ctx: RetrieveContext) -> list[WebInst
     return list(instances.values())
 
 
-class _Transfer:
-    """One attempt's WADO-RS requests, spooling and counting as instances arrive."""
+Unit = tuple[str, WebInstance | None]
+"""A series UID to fetch whole (None), or one instance of it."""
 
-    def __init__(self, ctx: RetrieveContext, client: DICOMwebClient,
-                 planned: dict[str, WebInstance]) -> None:
+
+class _Transfer:
+    """One attempt's WADO-RS requests, spooling and counting as instances arrive.
+
+    Up to ``associations_per_job`` requests run at once, each on its own thread and HTTP
+    session and each holding a slot of the source's ``max_associations``; the sink and the
+    progress reporter are called under one lock, as they are not thread-safe.
+    """
+
+    def __init__(self, ctx: RetrieveContext, planned: dict[str, WebInstance],
+                 units: list[Unit], where: str) -> None:
         self.ctx = ctx
-        self.client = client
         self.planned = planned
+        self.units = deque(units)
+        self.where = where
         self.media_types = (("application/dicom", ctx.source.dicomweb_transfer_syntax),)
         self.done = 0
         self.cancelled = False
+        self.failures: list[BaseException] = []
+        self.lock = threading.Lock()
 
-    def series(self, series_uid: str) -> None:
-        self._consume(self.client.iter_series(
-            self.ctx.request.study_uid, series_uid, media_types=self.media_types))
+    def run(self, client: DICOMwebClient, width: int) -> None:
+        """Fetch every unit over *width* concurrent requests, the first on *client* (the
+        others on sessions of their own); raise the first failure."""
+        threads = [threading.Thread(target=self._stripe, args=(None,), daemon=True,
+                                    name=f"wado-{n}")
+                   for n in range(1, max(1, min(width, len(self.units))))]
+        for thread in threads:
+            thread.start()
+        self._stripe(client)
+        for thread in threads:
+            thread.join()
+        if self.failures:
+            raise self.failures[0]
 
-    def instance(self, ref: WebInstance) -> None:
-        self._consume(iter([self.client.retrieve_instance(
-            self.ctx.request.study_uid, ref.series_uid, ref.sop_instance_uid,
-            media_types=self.media_types)]))
+    def _stop(self) -> bool:
+        return bool(self.failures) or self._cancelled() or not self.units
+
+    def _cancelled(self) -> bool:
+        with self.lock:
+            self.cancelled = self.cancelled or self.ctx.progress.cancelled()
+            return self.cancelled
+
+    def _stripe(self, client: DICOMwebClient | None) -> None:
+        """Requests one after another on one session and one slot. Only the first stripe
+        reports waiting for a slot: the others' wait is no wait of the job's."""
+        gate = self.ctx.gate
+        assert gate is not None  # RetrieveContext builds one when none is given
+        try:
+            slot = gate.gate.acquire(gate.source_name, bulk=gate.bulk, cancelled=self._stop,
+                                     on_wait=gate.on_wait if client is not None else None)
+        except GateCancelled:
+            return
+        try:
+            client = client or make_client(self.ctx.source_name, self.ctx.source)
+            while True:
+                with self.lock:
+                    unit = self.units.popleft() if self.units and not self.failures else None
+                if unit is None or self._cancelled():
+                    return
+                series_uid, ref = unit
+                with http_errors(self.where, "a WADO-RS retrieve"):
+                    if ref is None:
+                        self._consume(client.iter_series(
+                            self.ctx.request.study_uid, series_uid, media_types=self.media_types))
+                    else:
+                        self._consume(iter([client.retrieve_instance(
+                            self.ctx.request.study_uid, ref.series_uid, ref.sop_instance_uid,
+                            media_types=self.media_types)]))
+        except BaseException as exc:
+            with self.lock:
+                self.failures.append(exc)
+        finally:
+            slot.release()
 
     def _consume(self, datasets: Iterator[Dataset]) -> None:
         try:
             for ds in datasets:
                 self._hand_over(ds)
-                if self.ctx.progress.cancelled():
-                    self.cancelled = True
+                if self._cancelled():
                     return
         finally:
             close = getattr(datasets, "close", None)
@@ -199,10 +258,11 @@ class _Transfer:
                                          suffix=".dcm", delete=False) as fh:
             path = Path(fh.name)
             dcmwrite(fh, ds, enforce_file_format=True)
-        self.ctx.sink.accept(path, sop_class_uid=sop_class, sop_instance_uid=sop_uid)
-        self.done += 1
-        self.ctx.progress.peer_counts(remaining=max(len(self.planned) - self.done, 0),
-                                      completed=self.done, failed=0, warning=0)
+        with self.lock:
+            self.ctx.sink.accept(path, sop_class_uid=sop_class, sop_instance_uid=sop_uid)
+            self.done += 1
+            self.ctx.progress.peer_counts(remaining=max(len(self.planned) - self.done, 0),
+                                          completed=self.done, failed=0, warning=0)
 
 
 class DicomwebTransport:
@@ -213,8 +273,13 @@ class DicomwebTransport:
     def retrieve(self, ctx: RetrieveContext) -> RetrieveResult:
         client = make_client(ctx.source_name, ctx.source)
         where = f"DICOMweb gateway {ctx.source.dicomweb_url}"
-        with http_errors(where, "the QIDO-RS instance search"):
-            inventory = list_instances(client, ctx)
+        gate = ctx.gate
+        assert gate is not None  # RetrieveContext builds one when none is given
+        try:
+            with gate.acquire(), http_errors(where, "the QIDO-RS instance search"):
+                inventory = list_instances(client, ctx)
+        except GateCancelled:
+            return RetrieveResult(expected=None, cancelled=True)
         if not inventory:
             raise RetrieveError(
                 ErrorKind.QUERY,
@@ -226,23 +291,18 @@ class DicomwebTransport:
         by_series: dict[str, list[WebInstance]] = defaultdict(list)
         for ref in inventory:
             by_series[ref.series_uid].append(ref)
-        transfer = _Transfer(ctx, client, missing)
-        ctx.progress.peer_counts(remaining=len(missing), completed=0, failed=0, warning=0)
+        units: list[Unit] = []
         for series_uid, refs in sorted(by_series.items()):
             todo = [r for r in refs if r.sop_instance_uid in missing]
-            if not todo:
-                continue
-            with http_errors(where, "a WADO-RS retrieve"):
-                if len(todo) == len(refs) and ctx.request.level is not Level.IMAGE:
-                    transfer.series(series_uid)
-                else:
-                    for ref in todo:
-                        transfer.instance(ref)
-                        if transfer.cancelled or ctx.progress.cancelled():
-                            transfer.cancelled = True
-                            break
-            if transfer.cancelled:
-                break
+            if todo and len(todo) == len(refs) and ctx.request.level is not Level.IMAGE:
+                units.append((series_uid, None))
+            else:
+                units += [(series_uid, ref) for ref in todo]
+        transfer = _Transfer(ctx, missing, units, where)
+        ctx.progress.peer_counts(remaining=len(missing), completed=0, failed=0, warning=0)
+        source = ctx.source
+        transfer.run(client, min(source.associations_per_job,
+                                 gate.gate.limit(ctx.source_name, gate.bulk)))
         return RetrieveResult(expected=frozenset(r.sop_instance_uid for r in inventory),
                               cancelled=transfer.cancelled)
 

@@ -9,7 +9,7 @@ unexpected class costs one more association instead of being silently dropped.
 
 from __future__ import annotations
 
-from pynetdicom import sop_class as sc
+from pydicom import uid as sc
 
 _SECONDARY = (
     sc.SecondaryCaptureImageStorage,
