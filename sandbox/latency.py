@@ -32,6 +32,16 @@ def _tune(sock: socket.socket) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # the proxy adds no Nagle delay
 
 
+def _at_eof(sock: socket.socket) -> bool:
+    """Whether the other side has closed *sock* (or it is gone), without consuming data."""
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+
+
 class _Direction:
     """Bytes from *src* to *dst*, each chunk sent *delay* seconds after it was read."""
 
@@ -84,7 +94,8 @@ class LatencyProxy:
         self.port = int(self._server.getsockname()[1])
         self._connections: list[socket.socket] = []
         self._closed = threading.Event()
-        self._count_lock = threading.Lock()
+        self._count_lock = threading.RLock()  # an ender runs under it in _reap_ended
+        self._live: list[tuple[tuple[socket.socket, socket.socket], Callable[[], None]]] = []
         self.opened = 0
         """Connections accepted so far."""
         self.open = 0
@@ -109,13 +120,28 @@ class LatencyProxy:
                 _tune(sock)
                 self._connections.append(sock)
             delay = self.rtt_ms / 2000
+            on_end = self._ender()
             with self._count_lock:
+                self._reap_ended()
                 self.opened += 1
                 self.open += 1
                 self.peak = max(self.peak, self.open)
-            on_end = self._ender()
+                self._live.append(((client, upstream), on_end))
             _Direction(client, upstream, delay, on_end)
             _Direction(upstream, client, delay, on_end)
+
+    def _reap_ended(self) -> None:
+        """Count as ended every connection a side has already closed, before counting a new
+        one: the end is in the kernel (EOF waiting to be read) the moment the side closes,
+        while the reader thread that would notice may not run for a while on a busy
+        machine; the count follows the sockets, not thread scheduling."""
+        live = []
+        for pair, end in self._live:
+            if any(_at_eof(sock) for sock in pair):
+                end()
+            else:
+                live.append((pair, end))
+        self._live = live
 
     def _ender(self) -> Callable[[], None]:
         """Called by both directions of one connection; counts it closed at the first."""
