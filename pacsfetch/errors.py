@@ -32,7 +32,8 @@ class ErrorKind(StrEnum):
     MOVE_DESTINATION = "move-destination"
     """The PACS does not know, or cannot reach, the C-MOVE destination (the receiver)."""
     STORE = "store"
-    """A store could not write or commit an instance."""
+    """A store could not write or commit an instance: retried like a connection failure,
+    except a full disk ("no space left"), which waits for an operator to free space."""
     AUTH = "auth"
     """An HTTP peer (DICOMweb gateway) refused our credentials (401/403)."""
     TLS = "tls"
