@@ -9,10 +9,9 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-import httpx
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
@@ -21,6 +20,9 @@ from rich.progress import Progress as Bar
 from pacsfetch import __version__
 from pacsfetch.config import ConfigError, load_config
 from pacsfetch.models import JobRequest, JobStatus, Level, Progress
+
+if TYPE_CHECKING:  # imported where used: `pacsfetch retrieve` needs no HTTP client
+    import httpx
 
 API_URL_ENV = "PACSFETCH_API_URL"
 TOKEN_ENV = "PACSFETCH_API_TOKEN"
@@ -275,6 +277,8 @@ def _report(status: JobStatus, progress: Progress, transport: str | None, error:
 
 
 def _client(api_url: str) -> httpx.Client:
+    import httpx
+
     token = os.environ.get(TOKEN_ENV)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     return httpx.Client(base_url=api_url, headers=headers, timeout=30)

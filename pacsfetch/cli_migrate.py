@@ -10,15 +10,17 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
-import httpx
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
 from rich.progress import Progress as Bar
 
 from pacsfetch.cli import _api_call, _client, _fail, api_option, console
 from pacsfetch.migrations import CSV_KEYS, CsvProblem, MigrationStatus, read_key_csv
+
+if TYPE_CHECKING:  # the client comes from pacsfetch.cli._client
+    import httpx
 
 EXIT_CODES = {MigrationStatus.SUCCEEDED: 0, MigrationStatus.FAILED: 1,
               MigrationStatus.PARTIAL: 3, MigrationStatus.CANCELLED: 4}

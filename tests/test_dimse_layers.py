@@ -159,6 +159,34 @@ def test_the_store_response_template_matches_the_generic_encoder() -> None:
 
 # ---- release -----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("syntax", [m.IMPLICIT_LE, m.EXPLICIT_LE])
+def test_flat_identifier_decoding_agrees_with_pydicom_or_defers_to_it(syntax: str) -> None:
+    from pydicom.dataset import Dataset
+
+    keys = {0x00080018: "SOPInstanceUID", 0x00083002: "AvailableTransferSyntaxUID",
+            0x00080060: "Modality"}
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.SOPInstanceUID = "1.2.3.4.5"  # odd length: padded with a NUL on the wire
+    ds.AvailableTransferSyntaxUID = [m.EXPLICIT_LE, m.IMPLICIT_LE]
+    ds.Modality = ""
+    code = Dataset()
+    code.CodeValue = "X1"
+    ds.ProcedureCodeSequence = [code]  # skipped: not wanted, and of defined length
+    data = m.encode_identifier(ds, syntax)
+    flat = m.decode_flat(data, syntax, keys)
+    full = m.decode_identifier(data, syntax)
+    assert flat == {"SOPInstanceUID": full.SOPInstanceUID, "Modality": "",
+                    "AvailableTransferSyntaxUID": list(full.AvailableTransferSyntaxUID)}
+    assert m.decode_flat(data[:-3], syntax, keys) is None  # truncated
+    ds.ProcedureCodeSequence = []
+    ds.PatientName = "M\u00fcller"
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    keys[0x00100010] = "PatientName"
+    assert m.decode_flat(m.encode_identifier(ds, syntax), syntax, keys) is None  # not ASCII
+    assert m.decode_flat(data, "1.2.840.10008.1.2.2", keys) is None  # big endian: pydicom's
+
+
 def test_release_and_release_collision_on_both_sides() -> None:
     ul = established()
     ul.sent(pdu.RELEASE_RQ)

@@ -10,6 +10,7 @@ them. Identifiers (the data sets of C-FIND, C-GET and C-MOVE) are coded with pyd
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from io import BytesIO
 from typing import TYPE_CHECKING, Any
 
@@ -214,6 +215,58 @@ def encode_identifier(ds: Dataset, transfer_syntax: str) -> bytes:
     fp.is_implicit_VR = transfer_syntax == IMPLICIT_LE
     write_dataset(fp, ds)
     return fp.getvalue()
+
+
+_LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                       b"UR", b"UT", b"UV"})
+_ELEMENT = struct.Struct("<HHI")
+"""Implicit VR little endian: group, element, length."""
+_EXPLICIT_SHORT = struct.Struct("<HH2sH")
+"""Explicit VR little endian with a 2-byte length: group, element, VR, length."""
+
+
+def decode_flat(data: bytes, transfer_syntax: str, wanted: Mapping[int, str]
+                ) -> dict[str, str | list[str]] | None:
+    """The *wanted* elements (tag -> keyword) of an identifier as text, or None when it
+    needs pydicom (:func:`decode_identifier`).
+
+    Planning a retrieve decodes one C-FIND match per instance; pydicom spends most of the
+    planning time building Datasets for that. Here the top-level elements are walked
+    without decoding: a wanted value must be ASCII (else its decoding depends on Specific
+    Character Set), and an element of undefined length (a sequence) sends the whole
+    identifier to pydicom. Multiple values come back as a list, as pydicom gives them.
+    """
+    if transfer_syntax not in (IMPLICIT_LE, EXPLICIT_LE):
+        return None
+    explicit = transfer_syntax == EXPLICIT_LE
+    found: dict[str, str | list[str]] = {}
+    pos, end = 0, len(data)
+    while pos < end:
+        if pos + 8 > end:
+            return None
+        if explicit:
+            group, element, vr, length = _EXPLICIT_SHORT.unpack_from(data, pos)
+            if vr in _LONG_VRS:
+                if pos + 12 > end:
+                    return None
+                length = int.from_bytes(data[pos + 8:pos + 12], "little")
+                pos += 12
+            else:
+                pos += 8
+        else:
+            group, element, length = _ELEMENT.unpack_from(data, pos)
+            pos += 8
+        if length == 0xFFFFFFFF or pos + length > end:
+            return None
+        keyword = wanted.get(group << 16 | element)
+        if keyword is not None:
+            raw = data[pos:pos + length]
+            if not raw.isascii():
+                return None
+            values = [v.strip(" \0") for v in raw.decode("ascii").split("\\")]
+            found[keyword] = values if len(values) > 1 else values[0]
+        pos += length
+    return found
 
 
 def decode_identifier(data: bytes, transfer_syntax: str) -> Dataset:

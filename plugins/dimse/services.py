@@ -15,7 +15,7 @@ import itertools
 import os
 import struct
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -233,9 +233,14 @@ def echo(source: SourceConfig, source_name: str = "unnamed") -> EchoResult:
 
 # ---- C-FIND ------------------------------------------------------------------------------
 
-def c_find(assoc: Association, model: str, identifier: Dataset, msg_id: int = 1
-           ) -> Iterator[tuple[int, Dataset | None]]:
-    """(status, match or None) of each response to one C-FIND, the final one last."""
+def c_find(assoc: Association, model: str, identifier: Dataset, msg_id: int = 1, *,
+           keys: Mapping[int, str] | None = None
+           ) -> Iterator[tuple[int, Dataset | dict[str, Any] | None]]:
+    """(status, match or None) of each response to one C-FIND, the final one last.
+
+    With *keys* (tag -> keyword), a match is a dict of those elements as text where
+    :func:`~.messages.decode_flat` can read it, a Dataset otherwise: both answer
+    ``get(keyword, default)``."""
     cx = assoc.context(model)
     if cx is None:
         raise PeerViolation(f"no accepted context for {model}")
@@ -248,7 +253,10 @@ def c_find(assoc: Association, model: str, identifier: Dataset, msg_id: int = 1
             raise PeerViolation(f"unexpected command 0x{command[m.COMMAND_FIELD]:04X} "
                                 "in answer to a C-FIND")
         status = command.get(m.STATUS, 0xC000)
-        found = m.decode_identifier(data, cx.transfer_syntax) if data else None
+        found: Dataset | dict[str, Any] | None = None
+        if data:
+            flat = m.decode_flat(data, cx.transfer_syntax, keys) if keys else None
+            found = flat if flat is not None else m.decode_identifier(data, cx.transfer_syntax)
         yield status, found
         if status not in PENDING:
             return

@@ -24,15 +24,17 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
-import httpx
 from pydantic import AnyHttpUrl, BaseModel, ConfigDict, Field, model_validator
 
 from pacsfetch import hookimpl
 from pacsfetch.errors import ErrorKind, RetrieveError
 from pacsfetch.plugins.contracts import IncomingInstance, StoreBackend
 from pacsfetch.uids import is_valid_uid
+
+if TYPE_CHECKING:  # imported where used: loading the plugin costs no HTTP client (70 ms)
+    import httpx
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,8 @@ def _from_env(name: str, store_name: str) -> str:
 
 
 def _http_client(settings: StowRsSettings, store_name: str) -> httpx.Client:
+    import httpx
+
     headers = {"Accept": "application/dicom+json"}
     auth: httpx.Auth | None = None
     if settings.token_env:
@@ -120,6 +124,8 @@ class StowRsSession:
         return _Pending(instance.path, instance.size, instance.identity.sop_instance_uid)
 
     def commit(self, staged: _Pending) -> str:
+        import httpx  # already loaded by _http_client: a dictionary look-up
+
         boundary = uuid.uuid4().hex
         head = (f"--{boundary}\r\nContent-Type: application/dicom\r\n"
                 f"Content-Length: {staged.size}\r\n\r\n").encode()
@@ -211,6 +217,8 @@ class StowRsBackend:
         assert isinstance(settings, StowRsSettings)
         url = f"{str(settings.url).rstrip('/')}/studies/{study_uid}/instances"
         found: set[str] = set()
+        import httpx
+
         with _http_client(settings, store_name) as client:
             while True:
                 try:

@@ -9,8 +9,9 @@ the hierarchy (series, then instances per series), which every Q/R SCP supports.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom.dataset import Dataset
 
@@ -74,17 +75,19 @@ class Inventory:
 
 
 def find_matches(assoc: Association, identifier: Dataset, where: str,
-                 max_results: int, model: str = FIND_MODEL) -> tuple[list[Dataset], bool]:
+                 max_results: int, model: str = FIND_MODEL,
+                 keys: Mapping[int, str] | None = None) -> tuple[list[Any], bool]:
     """The matches, and whether the PACS cut the answer short.
 
     A failure status after at least one match is a cap, as is exactly *max_results*
     matches (the source's known limit); a failure with no match is an error. The study
     search (:mod:`pacsfetch.plugins.find`), the retrieve planning below and the worklist
-    query (*model*: Modality Worklist) share it.
+    query (*model*: Modality Worklist) share it. With *keys* (tag -> keyword) a match may
+    be a dict of just those elements rather than a Dataset (see :func:`c_find`).
     """
-    matches: list[Dataset] = []
+    matches: list[Any] = []
     try:
-        responses = list(c_find(assoc, model, identifier))
+        responses = list(c_find(assoc, model, identifier, keys=keys))
     except DimseError as exc:
         raise dimse_failure(exc, where, "a C-FIND") from None
     for code, found in responses:
@@ -152,7 +155,8 @@ def find_instances(source: SourceConfig, request: JobRequest) -> Inventory:
                 query.SOPInstanceUID = uid_list or ""
                 query.SOPClassUID = ""
                 query.AvailableTransferSyntaxUID = ""
-                matches, capped = find_matches(assoc, query, where, source.max_results)
+                matches, capped = find_matches(assoc, query, where, source.max_results,
+                                               keys=_INSTANCE_KEYS)
                 if capped:
                     capped_series.add(series_uid)
                 for found in matches:
@@ -193,7 +197,13 @@ def _nothing_found(where: str, invalid: dict[str, int]) -> str:
             "UIDs, or whether the PACS lets this AE see the study.")
 
 
-def _instance_ref(found: Dataset, series_uid: str, modality: str | None) -> InstanceRef | None:
+_INSTANCE_KEYS = {0x00080018: "SOPInstanceUID", 0x00080016: "SOPClassUID",
+                  0x00083002: "AvailableTransferSyntaxUID"}
+"""What planning reads of each instance-level match (one per instance, so read without
+pydicom: see :func:`~pacsfetch.plugins.dimse.messages.decode_flat`)."""
+
+
+def _instance_ref(found: Dataset | dict[str, Any], series_uid: str, modality: str | None) -> InstanceRef | None:
     sop_uid = str(found.get("SOPInstanceUID", ""))
     sop_class = str(found.get("SOPClassUID", ""))
     if not is_valid_uid(sop_uid):
