@@ -1,4 +1,4 @@
-"""Ratios against the targets of issue #5, a printed table, and the JSON results file.
+"""Ratios against the targets of the DIMSE engine (#10) and API (#5) issues, a printed table, and the JSON results file.
 
 Ratios are throughput ratios from one run (higher is better for pacsfetch), except the
 Nagle ratio, which is time against the Nagle-on Orthanc over time against the Nagle-off
@@ -137,7 +137,11 @@ def write(path: Path, results: dict[str, Any]) -> None:
 
 
 _TOOL_NAMES = {"dcmtk-getscu": "DCMTK getscu", "pynetdicom-getscu": "pynetdicom getscu",
-               "pacsfetch-inline": "pacsfetch retrieve", "pacsfetch-queued": "pacsfetch job"}
+               "pacsfetch-inline": "pacsfetch retrieve", "pacsfetch-queued": "pacsfetch job",
+               "dcmtk-movescu": "DCMTK movescu → storescp", "dcmtk-storescu": "DCMTK storescu",
+               "pacsfetch-forward": "pacsfetch forward store"}
+_PEER_NAMES = {"nodelay": "Nagle off", "nagle": "Nagle on", "wan2ms": "Nagle off, 2 ms away",
+               "wan10ms": "Nagle off, 10 ms away"}
 _STUDY_NAMES = {"scaling": "4 studies at once"}
 
 
@@ -151,10 +155,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"| {_TOOL_NAMES.get(r['tool'], r['tool'])} | {r['transport'] or ''} "
             f"| {_STUDY_NAMES.get(r['study'], r['study'])} "
-            f"| {'Nagle on' if r['peer'] == 'nagle' else 'Nagle off'} | {workers} "
+            f"| {_PEER_NAMES.get(r['peer'], r['peer'])} | {workers} "
             f"| {r['seconds']:.2f} s | {r['instances_per_s']:,.0f} | {r['mb_per_s']:.1f} "
             f"| {r['peak_rss_mb']:.0f} MB | {first} |")
-    lines += ["", "| target (issue #5) | measured | goal | |", "|---|---|---|---|"]
+    lines += ["", "| target | measured | goal | |", "|---|---|---|---|"]
     for t in results["targets"]:
         mark = {True: "met", False: "not met", None: ""}[t["met"]]
         lines.append(f"| {t['target']} | {t['value']} | {t['goal']} | {mark} |")
