@@ -497,10 +497,10 @@ class MoveReceiver:
                 return NO_JOB_STATUS
             if isinstance(found, Refusal):
                 return NO_JOB_STATUS
-            pipeline, job_id = found
+            pipeline, job_id, identity = found
             conflicts = pipeline.conflicts
             verdict = pipeline.accept(path, sop_class_uid=sop_class,
-                                      sop_instance_uid=sop_instance)
+                                      sop_instance_uid=sop_instance, identity=identity)
             if pipeline.conflicts > conflicts:
                 self._refuse(Refusal.CONFLICTING_COPY, job_id, inbound)
             self.stats.verdicts[verdict.value] = self.stats.verdicts.get(verdict.value, 0) + 1
@@ -513,8 +513,11 @@ class MoveReceiver:
                       calling_ae=inbound.calling_ae)
         self.book.refuse(job_id, reason.value)
 
-    def _pipeline_for(self, inbound: _Inbound,
-                      path: Path) -> tuple[InstancePipeline, str] | Refusal | None:
+    def _pipeline_for(
+        self, inbound: _Inbound, path: Path,
+    ) -> tuple[InstancePipeline, str, InstanceIdentity] | Refusal | None:
+        """The job's pipeline for the instance at *path*, the job and the header read to
+        pick it (handed on, so the pipeline does not read it again); else why not."""
         command = inbound.command
         originator = str(command.get(m.MOVE_ORIGINATOR_AE) or "").strip()
         message_id = command.get(m.MOVE_ORIGINATOR_ID)
@@ -555,7 +558,7 @@ class MoveReceiver:
         if plan is not None and not plan.allows(identity.sop_instance_uid, identity.series_uid):
             self._refuse(Refusal.NOT_PLANNED, job_id, inbound)
             return Refusal.NOT_PLANNED
-        return pipeline, job_id
+        return pipeline, job_id, identity
 
     def _open_pipeline(self, expectation: MoveExpectation, inbound: _Inbound) -> InstancePipeline:
         """The job's pipeline on this association, writing to every store the job names."""
