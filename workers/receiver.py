@@ -437,11 +437,6 @@ class MoveReceiver:
                     return
                 except PeerReleased:
                     return
-                except DimseError as exc:
-                    log.info("receiver association ended", extra={
-                        "address": inbound.address, "calling_ae": inbound.calling_ae,
-                        "reason": str(exc)})
-                    return
                 field_ = command[m.COMMAND_FIELD]
                 if field_ == m.C_STORE_RQ:
                     if shortened:
