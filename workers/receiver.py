@@ -57,6 +57,7 @@ from pacsfetch.plugins.dimse.services import (
     VERIFICATION,
     Spool,
     StoreHandler,
+    discard,
     receive_store,
 )
 from pacsfetch.plugins.dimse.tls import server_context
@@ -453,7 +454,7 @@ class MoveReceiver:
                         sop_class=VERIFICATION))
                     continue
                 if m.has_data_set(command):
-                    assoc.read_data_set(pcid, _discard)
+                    assoc.read_data_set(pcid, discard)
                 if not field_ & 0x8000 and field_ != m.C_CANCEL_RQ:
                     assoc.send_message(pcid, m.response(
                         field_ | 0x8000, command.get(m.MESSAGE_ID, 0), UNRECOGNISED_OPERATION))
@@ -592,7 +593,3 @@ def _shut(sock: socket.socket, last: bytes) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-
-
-def _discard(fragment: memoryview) -> None:
-    return None

@@ -330,7 +330,7 @@ def receive_store(assoc: Association, pcid: int, command: dict[int, Any], spool:
     if cx is None or not cx.scp or cx.abstract_syntax != sop_class or not m.has_data_set(
             command):
         if m.has_data_set(command):
-            assoc.read_data_set(pcid, _discard)
+            assoc.read_data_set(pcid, discard)
         status = SOP_CLASS_NOT_SUPPORTED
     else:
         path, fp = spool.take()
@@ -352,7 +352,9 @@ def receive_store(assoc: Association, pcid: int, command: dict[int, Any], spool:
     spool.prepare()
 
 
-def _discard(fragment: memoryview) -> None:
+def discard(fragment: memoryview) -> None:
+    """A data-set sink that drops the bytes: a data set we refuse must still be read off
+    the association before the next message."""
     return None
 
 
