@@ -345,8 +345,7 @@ def receive_store(assoc: Association, pcid: int, command: dict[int, Any], spool:
         try:
             status = store(path, sop_class, sop_instance)
         finally:
-            if path.exists():
-                path.unlink()
+            path.unlink(missing_ok=True)  # a sink normally took or removed it already
     assoc.send_message(pcid, m.store_rsp(command.get(m.MESSAGE_ID, 0), status,
                                          _even(sop_class), _even(sop_instance)))
     spool.prepare()
