@@ -90,17 +90,21 @@ class InstancePipeline:
     def spool_dir(self) -> Path:
         return self._spool_dir
 
-    def accept(self, path: Path, *, sop_class_uid: str, sop_instance_uid: str) -> Verdict:
+    def accept(self, path: Path, *, sop_class_uid: str, sop_instance_uid: str,
+               identity: InstanceIdentity | None = None) -> Verdict:
+        """:meth:`InstanceSink.accept`; *identity* is the file's header when the caller
+        already read it (the move receiver does, to pick the job), so it is not read twice."""
         try:
-            return self._accept(path, sop_class_uid, sop_instance_uid)
+            return self._accept(path, sop_class_uid, sop_instance_uid, identity)
         finally:
             path.unlink(missing_ok=True)
 
-    def _accept(self, path: Path, sop_class_uid: str, sop_instance_uid: str) -> Verdict:
+    def _accept(self, path: Path, sop_class_uid: str, sop_instance_uid: str,
+                identity: InstanceIdentity | None) -> Verdict:
         meter = self._meter or self._bind_meter(NO_TRANSPORT)
         size = path.stat().st_size
         meter.received(size)
-        verdict = self._check_and_store(path, size, sop_class_uid, sop_instance_uid)
+        verdict = self._check_and_store(path, size, sop_class_uid, sop_instance_uid, identity)
         if verdict is Verdict.STORED:
             meter.stored(size)
         elif verdict is not Verdict.DUPLICATE:
@@ -108,13 +112,15 @@ class InstancePipeline:
         return verdict
 
     def _check_and_store(self, path: Path, size: int, sop_class_uid: str,
-                         sop_instance_uid: str) -> Verdict:
-        try:
-            identity = read_identity(path)
-        except UnreadableInstance as exc:
-            self.invalid += 1
-            log.warning("refused an unreadable instance", extra={"job_id": self._job_id, "reason": str(exc)})
-            return Verdict.INVALID
+                         sop_instance_uid: str, identity: InstanceIdentity | None) -> Verdict:
+        if identity is None:
+            try:
+                identity = read_identity(path)
+            except UnreadableInstance as exc:
+                self.invalid += 1
+                log.warning("refused an unreadable instance",
+                            extra={"job_id": self._job_id, "reason": str(exc)})
+                return Verdict.INVALID
         if (identity.sop_instance_uid, identity.sop_class_uid) != (sop_instance_uid, sop_class_uid):
             self.invalid += 1
             log.warning("refused an instance whose header contradicts its C-STORE command",

@@ -57,6 +57,7 @@ from pacsfetch.plugins.dimse.services import (
     VERIFICATION,
     Spool,
     StoreHandler,
+    discard,
     receive_store,
 )
 from pacsfetch.plugins.dimse.tls import server_context
@@ -437,11 +438,6 @@ class MoveReceiver:
                     return
                 except PeerReleased:
                     return
-                except DimseError as exc:
-                    log.info("receiver association ended", extra={
-                        "address": inbound.address, "calling_ae": inbound.calling_ae,
-                        "reason": str(exc)})
-                    return
                 field_ = command[m.COMMAND_FIELD]
                 if field_ == m.C_STORE_RQ:
                     if shortened:
@@ -458,7 +454,7 @@ class MoveReceiver:
                         sop_class=VERIFICATION))
                     continue
                 if m.has_data_set(command):
-                    assoc.read_data_set(pcid, _discard)
+                    assoc.read_data_set(pcid, discard)
                 if not field_ & 0x8000 and field_ != m.C_CANCEL_RQ:
                     assoc.send_message(pcid, m.response(
                         field_ | 0x8000, command.get(m.MESSAGE_ID, 0), UNRECOGNISED_OPERATION))
@@ -497,10 +493,10 @@ class MoveReceiver:
                 return NO_JOB_STATUS
             if isinstance(found, Refusal):
                 return NO_JOB_STATUS
-            pipeline, job_id = found
+            pipeline, job_id, identity = found
             conflicts = pipeline.conflicts
             verdict = pipeline.accept(path, sop_class_uid=sop_class,
-                                      sop_instance_uid=sop_instance)
+                                      sop_instance_uid=sop_instance, identity=identity)
             if pipeline.conflicts > conflicts:
                 self._refuse(Refusal.CONFLICTING_COPY, job_id, inbound)
             self.stats.verdicts[verdict.value] = self.stats.verdicts.get(verdict.value, 0) + 1
@@ -513,8 +509,11 @@ class MoveReceiver:
                       calling_ae=inbound.calling_ae)
         self.book.refuse(job_id, reason.value)
 
-    def _pipeline_for(self, inbound: _Inbound,
-                      path: Path) -> tuple[InstancePipeline, str] | Refusal | None:
+    def _pipeline_for(
+        self, inbound: _Inbound, path: Path,
+    ) -> tuple[InstancePipeline, str, InstanceIdentity] | Refusal | None:
+        """The job's pipeline for the instance at *path*, the job and the header read to
+        pick it (handed on, so the pipeline does not read it again); else why not."""
         command = inbound.command
         originator = str(command.get(m.MOVE_ORIGINATOR_AE) or "").strip()
         message_id = command.get(m.MOVE_ORIGINATOR_ID)
@@ -555,7 +554,7 @@ class MoveReceiver:
         if plan is not None and not plan.allows(identity.sop_instance_uid, identity.series_uid):
             self._refuse(Refusal.NOT_PLANNED, job_id, inbound)
             return Refusal.NOT_PLANNED
-        return pipeline, job_id
+        return pipeline, job_id, identity
 
     def _open_pipeline(self, expectation: MoveExpectation, inbound: _Inbound) -> InstancePipeline:
         """The job's pipeline on this association, writing to every store the job names."""
@@ -594,7 +593,3 @@ def _shut(sock: socket.socket, last: bytes) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-
-
-def _discard(fragment: memoryview) -> None:
-    return None

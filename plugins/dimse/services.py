@@ -338,7 +338,7 @@ def receive_store(assoc: Association, pcid: int, command: dict[int, Any], spool:
     if cx is None or not cx.scp or cx.abstract_syntax != sop_class or not m.has_data_set(
             command):
         if m.has_data_set(command):
-            assoc.read_data_set(pcid, _discard)
+            assoc.read_data_set(pcid, discard)
         status = SOP_CLASS_NOT_SUPPORTED
     else:
         path, fp = spool.take()
@@ -353,14 +353,15 @@ def receive_store(assoc: Association, pcid: int, command: dict[int, Any], spool:
         try:
             status = store(path, sop_class, sop_instance)
         finally:
-            if path.exists():
-                path.unlink()
+            path.unlink(missing_ok=True)  # a sink normally took or removed it already
     assoc.send_message(pcid, m.store_rsp(command.get(m.MESSAGE_ID, 0), status,
                                          _even(sop_class), _even(sop_instance)))
     spool.prepare()
 
 
-def _discard(fragment: memoryview) -> None:
+def discard(fragment: memoryview) -> None:
+    """A data-set sink that drops the bytes: a data set we refuse must still be read off
+    the association before the next message."""
     return None
 
 
