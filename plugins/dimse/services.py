@@ -425,15 +425,27 @@ def _get_responses(assoc: Association, model: Context, msg_id: int, spool: Spool
             buffer = bytearray()
             assoc.read_data_set(pcid, buffer.extend)
             data = bytes(buffer)
-        status = command.get(m.STATUS, 0xC000)
-        if status in PENDING:
-            pending(command)
-            if not cancel_sent and cancelled():
-                assoc.send_message(model.id, m.c_cancel_rq(msg_id))
-                cancel_sent = True
-            continue
+        outcome, cancel_sent = _response(assoc, model, msg_id, command, data, pending,
+                                         cancelled, cancel_sent)
+        if outcome is not None:
+            return outcome
+
+
+def _response(assoc: Association, model: Context, msg_id: int, command: dict[int, Any],
+              data: bytes | None, pending: Callable[[dict[int, Any]], None],
+              cancelled: Callable[[], bool], cancel_sent: bool
+              ) -> tuple[GetOutcome | None, bool]:
+    """A C-GET or C-MOVE response: a pending one goes to *pending* and is the moment to send
+    the C-CANCEL (once) if *cancelled* turned true; the final one is the outcome."""
+    status = command.get(m.STATUS, 0xC000)
+    if status not in PENDING:
         return GetOutcome(status, command, _failed_uids(command, data, model.transfer_syntax),
-                          cancel_sent)
+                          cancel_sent), cancel_sent
+    pending(command)
+    if not cancel_sent and cancelled():
+        assoc.send_message(model.id, m.c_cancel_rq(msg_id))
+        cancel_sent = True
+    return None, cancel_sent
 
 
 # ---- C-MOVE ------------------------------------------------------------------------------
@@ -459,15 +471,10 @@ def c_move(assoc: Association, model: Context, identifier: Dataset, msg_id: int,
         if field_ != m.C_MOVE_RSP or command.get(m.RESPONDED_TO) != msg_id:
             assoc.abort(provider_reason=2)
             raise PeerViolation(f"unexpected command 0x{field_:04X} during a C-MOVE")
-        status = command.get(m.STATUS, 0xC000)
-        if status in PENDING:
-            pending(command)
-            if not cancel_sent and cancelled():
-                assoc.send_message(model.id, m.c_cancel_rq(msg_id))
-                cancel_sent = True
-            continue
-        return GetOutcome(status, command, _failed_uids(command, data, model.transfer_syntax),
-                          cancel_sent)
+        outcome, cancel_sent = _response(assoc, model, msg_id, command, data, pending,
+                                         cancelled, cancel_sent)
+        if outcome is not None:
+            return outcome
 
 
 def sub_operation_counts(command: dict[int, Any]) -> tuple[int | None, int, int, int]:
